@@ -1,0 +1,130 @@
+"""The Hydra job and the sweep's callback: validate, then run and track one job.
+
+Bad input stops everything with one line (exit 2) before any model loads or any run is logged;
+a sweep validates all its jobs first. A job that fails at run time is logged as FAILED and the
+sweep goes on; the sweep then ends with a summary and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from falcon_exp import environment, runner, tracking
+from falcon_exp.config import ConfigError, FalconExpError, JobConfig
+from falcon_exp.models import MODELS, resolve_device, say
+
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
+
+
+def fail(error: FalconExpError, code: int) -> None:
+    print(f"falcon-exp: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def job_name(job: JobConfig) -> str:
+    """The job's own command-line overrides (`bits=4,max_length=100`), else model and mode."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job
+        overrides = []
+    return ",".join(overrides) or f"{job.model.name},{job.quantization.mode}"
+
+
+def _in_sweep() -> Path | None:
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:
+        return None
+    return Path(hydra.sweep.dir) if hydra.mode.name == "MULTIRUN" else None
+
+
+@functools.lru_cache(maxsize=None)
+def _environment_tags(device: str) -> dict[str, str]:
+    return environment.describe(device)
+
+
+def validate(cfg: DictConfig) -> tuple[JobConfig, runner.Prepared]:
+    """Everything that can be wrong with the input, found before anything loads or is logged."""
+    job = JobConfig.from_hydra(cfg)
+    return job, runner.prepare(job)
+
+
+def run_job(cfg: DictConfig) -> str:
+    """One Hydra job. Returns the MLflow run status."""
+    try:
+        job, prepared = validate(cfg)
+        tracking.check_store()
+        device = resolve_device(job.device)
+    except FalconExpError as error:
+        fail(error, EXIT_BAD_INPUT)
+    sweep_dir = _in_sweep()
+    parent = tracking.sweep_parent_run_id(sweep_dir) if sweep_dir else None
+    tags = _environment_tags(device) | {
+        "falcon_exp.model": job.model.name,
+        "falcon_exp.weights": job.model.weights,
+        "falcon_exp.mode": job.quantization.mode,
+    }
+    if job.model.weights == "synthetic":
+        tags["falcon_exp.text"] = "meaningless: synthetic (random) weights; memory and time are real"
+    try:
+        hydra_dir = HydraConfig.get().runtime.output_dir
+        tags["falcon_exp.output_dir"] = hydra_dir
+    except ValueError:
+        hydra_dir = None
+    name = job_name(job)
+    try:
+        with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
+            result = runner.run(job, prepared)
+            tracking.log_result(run_id, job, result, reused=result.load_s is None)
+    except KeyboardInterrupt:
+        MODELS.clear()
+        raise
+    except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
+        MODELS.clear()
+        say(f"job {name} FAILED: {tracking.one_line(error)}")
+        if sweep_dir is None:
+            sys.exit(EXIT_JOB_FAILED)
+        return "FAILED"
+    for sample in result.samples:
+        if sample.repetition == 0:
+            print(f"\n[{job.quantization.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
+    say(f"run {name} FINISHED in {tracking.tracking_uri()} (experiment {job.experiment}, run {run_id})")
+    return "FINISHED"
+
+
+class SweepCallback(Callback):
+    """Before a sweep: validate every job and open the parent run. After: close it, print the
+    summary, exit 1 if any job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        loader = GlobalHydra.instance().config_loader()
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
+        jobs = [o for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
+        try:
+            experiments = {validate(loader.load_sweep_config(config, list(o)))[0].experiment for o in jobs}
+            tracking.check_store()
+        except FalconExpError as error:
+            fail(error, EXIT_BAD_INPUT)
+        if len(experiments) > 1:
+            fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
+        overrides = " ".join(config.hydra.overrides.task) or "defaults"
+        self.parent = tracking.start_sweep_run(experiments.pop(), f"sweep {overrides}", Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        children = tracking.end_sweep_run(self.parent)
+        tracking.print_summary(children)
+        failed = [c for c in children if c.info.status != "FINISHED"]
+        if failed:
+            print(f"falcon-exp: {len(failed)} of {len(children)} jobs failed", file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOB_FAILED)

@@ -1,0 +1,241 @@
+"""The typed, validated form of one job's configuration.
+
+Hydra composes plain YAML (conf/); `JobConfig.from_hydra` turns it into frozen dataclasses and
+rejects bad input with one line naming the bad value and the allowed ones, before any model,
+tokenizer or tracking run exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BITS = (4, 8, 16)
+WEIGHTS = ("packaged", "hub", "synthetic")
+QUANT_TYPES = ("nf4", "fp4")
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class FalconExpError(Exception):
+    """An error the user can fix; printed as one line, without a traceback."""
+
+
+class ConfigError(FalconExpError):
+    """Bad input, found before anything was loaded or logged."""
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        choices = ", ".join(str(a) for a in allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {choices}")
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {minimum}")
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def available_architectures() -> list[str]:
+    return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    weights: str
+    path: str | None = None
+    architecture: str | None = None
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model.weights", self.weights, WEIGHTS)
+        if self.weights == "synthetic":
+            _one_of("model.architecture", self.architecture, tuple(available_architectures()))
+        if self.weights == "hub" and not self.path:
+            raise ConfigError(f"model.weights=hub needs model.path (a hub id or a local directory); model={self.name}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        raw = dict(raw)
+        if raw.get("path") and raw.get("weights") == "packaged":
+            # A path given on the command line names other weights than the packaged default.
+            raw["weights"] = "hub"
+            raw["name"] = Path(str(raw["path"]).rstrip("/")).name
+            raw["chat_template"] = True
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    bits: int
+    quant_type: str = "nf4"
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = False
+    int8_threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        _one_of("bits", self.bits, BITS)
+        _one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
+        _one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError(f"quantization.double_quant={self.double_quant!r} is not allowed; choose true or false")
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
+
+    @property
+    def mode(self) -> str:
+        """A short, human name: nf4, fp4, int8 or the baseline's dtype."""
+        return {4: self.quant_type, 8: "int8"}.get(self.bits, "baseline")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    name: str
+    items: tuple[str, ...]
+    file: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Prompts:
+        file = raw.get("file")
+        if file:
+            return cls(name=Path(file).stem, items=tuple(read_prompts_file(Path(file))), file=str(file))
+        items = raw.get("items") or []
+        if not items:
+            raise ConfigError(f"prompts={raw.get('name')!r} holds no prompts; give at least one (prompts.items or prompts.file)")
+        return cls(name=raw["name"], items=tuple(_check_prompt(p, f"prompts.items[{i}]") for i, p in enumerate(items)))
+
+
+def _check_prompt(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}={value!r} is not a prompt; each prompt must be a non-empty string")
+    return value
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """A YAML list of strings (or {prompts: [...]}), or JSON lines with a "prompt" field; data only."""
+    if not path.is_file():
+        raise ConfigError(f"prompts.file={str(path)!r} does not exist; give a .yaml, .yml or .jsonl file of prompts")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            items = [row.get("prompt") if isinstance(row, dict) else None for row in rows]
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+            items = data.get("prompts") if isinstance(data, dict) else data
+        else:
+            raise ConfigError(f"prompts.file={str(path)!r} has an unknown suffix; allowed: .yaml, .yml, .jsonl")
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"prompts.file={str(path)!r} is malformed: {str(error).splitlines()[0]}") from None
+    if not isinstance(items, list) or not items:
+        raise ConfigError(
+            f"prompts.file={str(path)!r} holds no prompts; write a YAML list of strings or JSON lines with a \"prompt\" field"
+        )
+    return [_check_prompt(p, f"prompts.file={str(path)!r} entry {i}") for i, p in enumerate(items)]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_length: int | None
+    max_new_tokens: int | None
+    force_length: bool
+    repetitions: int
+    warmup: int
+
+    def __post_init__(self) -> None:
+        _positive_int("max_length", self.max_length, minimum=2, optional=True)
+        _positive_int("max_new_tokens", self.max_new_tokens, optional=True)
+        if (self.max_length is None) == (self.max_new_tokens is None):
+            raise ConfigError(
+                f"max_length={self.max_length} and max_new_tokens={self.max_new_tokens}: set exactly one of them "
+                "(the other to null)"
+            )
+        _positive_int("repetitions", self.repetitions)
+        _positive_int("warmup", self.warmup, minimum=0)
+
+    def new_tokens(self, prompt_tokens: int) -> int:
+        """How many tokens to generate after a prompt of this length."""
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_length - prompt_tokens
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig
+    quantization: QuantizationConfig
+    prompts: Prompts
+    generation: GenerationConfig
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    max_memory: dict | None = None
+    experiment: str = "falcon-exp"
+    flat: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, DTYPES)
+        _positive_int("seed", self.seed, minimum=0)
+
+    @classmethod
+    def from_hydra(cls, cfg: Any) -> JobConfig:
+        """Validate a composed Hydra config (DictConfig or plain dict)."""
+        from omegaconf import DictConfig, OmegaConf
+
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw.pop("hydra", None)
+        model_raw = raw["model"]
+        if not isinstance(model_raw, dict) or "name" not in model_raw:
+            raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(available_models())}")
+        quant = dict(raw.get("quantization") or {})
+        return cls(
+            model=ModelConfig.from_dict(model_raw),
+            quantization=QuantizationConfig(bits=raw["bits"], **quant),
+            prompts=Prompts.from_dict(raw["prompts"]),
+            generation=GenerationConfig(
+                max_length=raw.get("max_length"),
+                max_new_tokens=raw.get("max_new_tokens"),
+                force_length=bool(raw.get("force_length", True)),
+                repetitions=raw.get("repetitions", 1),
+                warmup=raw.get("warmup", 1),
+            ),
+            seed=raw.get("seed", 0),
+            device=raw.get("device", "auto"),
+            dtype=raw.get("dtype", "bfloat16"),
+            max_memory=raw.get("max_memory"),
+            experiment=(raw.get("tracking") or {}).get("experiment", "falcon-exp"),
+            flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
+        )
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "flat"}
+
+
+def _prompts_summary(raw: dict) -> dict:
+    """Prompts go to MLflow as an artifact; params keep only what identifies the set."""
+    return {"name": Path(raw["file"]).stem if raw.get("file") else raw.get("name"), "file": raw.get("file")}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts to dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,86 @@
+"""What machine and software produced a number: logged as tags on every run."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "hydra-core", "mlflow", "falcon-exp")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # noqa: BLE001 - no NVML: ask nvidia-smi
+        pass
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else None
+
+
+def describe(device: str) -> dict[str, str]:
+    """Tags: git state, host, device and driver, library versions."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "git.commit": commit or "unknown",
+        "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": str(torch.get_num_threads()),
+        "device": device,
+    }
+    if device == "cuda":
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        tags |= {
+            "device.name": names[0],
+            "device.names": ", ".join(names),
+            "device.count": str(len(names)),
+            "device.driver": _nvidia_driver() or "unknown",
+            "device.cuda": torch.version.cuda or "unknown",
+        }
+    else:
+        tags |= {"device.name": tags["cpu"], "device.count": "1"}
+    tags |= {f"version.{p}": _version(p) for p in PACKAGES}
+    return tags

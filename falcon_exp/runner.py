@@ -1,0 +1,92 @@
+"""One job: prompts x repetitions on one (cached) model -> plain records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from falcon_exp.config import ConfigError, JobConfig
+from falcon_exp.measure import MemoryProbe, Timing, timed_generate
+from falcon_exp.models import MODELS, load_tokenizer, say
+from falcon_exp.quantization import QuantizationReport
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Prompts as the model will see them; everything checkable before weights load."""
+
+    tokenizer: object
+    input_ids: tuple[torch.Tensor, ...]
+    new_tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_index: int
+    repetition: int
+    prompt: str
+    output: str
+    timing: Timing
+
+
+@dataclass
+class JobResult:
+    samples: list[Sample]
+    memory: dict[str, float]
+    report: QuantizationReport
+    load_s: float | None  # None when the model was reused from an earlier job
+    device: str
+
+
+def encode(tokenizer, prompt: str, chat_template: bool) -> torch.Tensor:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
+
+
+def prepare(job: JobConfig) -> Prepared:
+    """Tokenise every prompt and check that max_length leaves room to generate after each."""
+    tokenizer = load_tokenizer(job.model)
+    input_ids = tuple(encode(tokenizer, p, job.model.chat_template) for p in job.prompts.items)
+    lengths = [ids.shape[1] for ids in input_ids]
+    new_tokens = tuple(job.generation.new_tokens(n) for n in lengths)
+    if min(new_tokens) < 1:
+        longest = max(lengths)
+        raise ConfigError(
+            f"max_length={job.generation.max_length} leaves no room to generate: the longest prompt of "
+            f"prompts={job.prompts.name} is {longest} tokens; allowed: max_length >= {longest + 1}, or set max_new_tokens"
+        )
+    return Prepared(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens)
+
+
+def run(job: JobConfig, prepared: Prepared) -> JobResult:
+    loaded, reused = MODELS.get(job)
+    device, model, tokenizer = loaded.device, loaded.model, prepared.tokenizer
+    first_device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    inputs = [ids.to(first_device) for ids in prepared.input_ids]
+
+    def generate(index: int) -> tuple[Timing, list[int]]:
+        return timed_generate(model, inputs[index], prepared.new_tokens[index], job.generation.force_length, device, pad)
+
+    torch.manual_seed(job.seed)
+    for _ in range(job.generation.warmup):
+        generate(0)
+    probe = MemoryProbe(device)
+    probe.reset()
+    samples = []
+    count = len(inputs)
+    for repetition in range(job.generation.repetitions):  # repetitions outermost: drift spreads over prompts
+        for index in range(count):
+            timing, generated = generate(index)
+            output = tokenizer.decode(generated, skip_special_tokens=True)
+            samples.append(Sample(index, repetition, job.prompts.items[index], output, timing))
+            say(
+                f"prompt {index + 1}/{count} rep {repetition + 1}/{job.generation.repetitions}: "
+                f"{timing.new_tokens} tokens in {timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token)"
+            )
+    samples.sort(key=lambda s: (s.prompt_index, s.repetition))
+    return JobResult(samples, probe.read(), loaded.report, None if reused else loaded.load_s, device)
