@@ -34,7 +34,7 @@ def job_name(job: JobConfig) -> str:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job
         overrides = []
-    return ",".join(overrides) or f"{job.model.name},{job.quantization.mode}"
+    return ",".join(overrides) or f"{job.model.name},{job.mode}"
 
 
 def _in_sweep() -> Path | None:
@@ -69,7 +69,7 @@ def run_job(cfg: DictConfig) -> str:
     tags = _environment_tags(device) | {
         "falcon_exp.model": job.model.name,
         "falcon_exp.weights": job.model.weights,
-        "falcon_exp.mode": job.quantization.mode,
+        "falcon_exp.mode": job.mode,
     }
     if job.model.weights == "synthetic":
         tags["falcon_exp.text"] = "meaningless: synthetic (random) weights; memory and time are real"
@@ -94,7 +94,7 @@ def run_job(cfg: DictConfig) -> str:
         return "FAILED"
     for sample in result.samples:
         if sample.repetition == 0:
-            print(f"\n[{job.quantization.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
+            print(f"\n[{job.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
     say(f"run {name} FINISHED in {tracking.tracking_uri()} (experiment {job.experiment}, run {run_id})")
     return "FINISHED"
 
@@ -102,6 +102,8 @@ def run_job(cfg: DictConfig) -> str:
 class SweepCallback(Callback):
     """Before a sweep: validate every job and open the parent run. After: close it, print the
     summary, exit 1 if any job failed."""
+
+    parent: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -122,6 +124,8 @@ class SweepCallback(Callback):
         self.parent = tracking.start_sweep_run(experiments.pop(), f"sweep {overrides}", Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.parent is None:
+            return
         children = tracking.end_sweep_run(self.parent)
         tracking.print_summary(children)
         failed = [c for c in children if c.info.status != "FINISHED"]

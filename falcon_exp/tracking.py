@@ -104,7 +104,7 @@ def job_run(
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(job.experiment), run_name=name, tags=run_tags)
     run_id = run.info.run_id
-    params = [Param(k, _param_value(v)) for k, v in sorted(job.flat.items())] + [Param("mode", job.quantization.mode)]
+    params = [Param(k, _param_value(v)) for k, v in sorted(job.flat.items())] + [Param("mode", job.mode)]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
     client.log_text(run_id, config_yaml, "config/config.yaml")
@@ -206,16 +206,20 @@ def end_sweep_run(parent_run_id: str) -> list:
 
 def print_summary(children: list) -> None:
     """A compact table of a sweep's runs, and the command that opens the UI."""
-    header = f"{'run':<34} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'tokens/s':>9}"
+    names = [(run.info.run_name or run.info.run_id).split(",") for run in children]
+    common = set.intersection(*map(set, names)) if names else set()
+    header = f"{'mode':<6} {'job':<28} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'tokens/s':>9}"
     lines = [header, "-" * len(header)]
-    for run in children:
+    for run, name in zip(children, names):
         m = run.data.metrics
         peak = m.get("memory/peak_allocated_gb", m.get("memory/peak_rss_gb", float("nan")))
+        job = ",".join(part for part in name if part not in common)[:28]
         lines.append(
-            f"{(run.info.run_name or run.info.run_id)[:34]:<34} {run.info.status:<9} "
+            f"{run.data.params.get('mode', '?'):<6} {job:<28} {run.info.status:<9} "
             f"{m.get('memory/weights_gb', float('nan')):>10.3f} {peak:>8.3f} "
-            f"{m.get('time/decode_ms_per_token', float('nan')):>9.1f} {m.get('time/tokens_per_s', float('nan')):>9.1f}"
+            f"{m.get('time/decode_ms_per_token', float('nan')):>9.1f} {m.get('time/tokens_per_s', float('nan')):>9.2f}"
         )
+    lines.append("peak_gb: allocator peak summed over GPUs, or the process's peak resident memory on a CPU")
     uri = tracking_uri()
     lines.append(f"runs are in {uri}; compare them with: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real SQLite MLflow store per test, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Small but real: the tiny Falcon, two prompts, a few forced tokens.
+QUICK = ["model=tiny-falcon", "max_length=null", "max_new_tokens=6", "repetitions=2", "warmup=1"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def two_prompts(tmp_path) -> Path:
+    path = tmp_path / "two.yaml"
+    path.write_text("- Name three colours.\n- What is an A/B test?\n")
+    return path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "falcon_exp", timeout: int = 900):
+    """The real command line in a subprocess, as a user types it."""
+    environment = os.environ | {"HYDRA_FULL_ERROR": "0"} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def runs_of(uri: str, experiment: str = "falcon-exp"):
+    """All runs of an experiment, oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment} in {uri}"
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    return sorted(runs, key=lambda r: r.info.start_time), client

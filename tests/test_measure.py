@@ -1,0 +1,63 @@
+"""Timers and memory probes on a real (tiny) model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from falcon_exp.measure import MemoryProbe, summarize, timed_generate
+from falcon_exp.quantization import quantizable_linears
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers.models.falcon.modeling_falcon import FalconForCausalLM
+
+    from falcon_exp.models import architecture_config, synthetic_state_dict
+
+    config = architecture_config("tiny-falcon")
+    state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=True)
+    with quantizable_linears():
+        return FalconForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch.bfloat16).eval()
+
+
+def test_forced_length_generates_exactly_the_asked_tokens_and_times_them(tiny_model):
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    timing, generated = timed_generate(tiny_model, prompt, new_tokens=12, force_length=True, device="cpu", pad_token_id=2)
+    assert timing.prompt_tokens == 5 and timing.new_tokens == 12 == len(generated)
+    assert 0 < timing.ttft_ms < timing.generate_s * 1e3
+    # first token, then 11 decode steps: their sum cannot exceed the whole call
+    assert timing.ttft_ms + 11 * timing.decode_ms_per_token <= timing.generate_s * 1e3 + 1e-6
+    assert timing.tokens_per_s == pytest.approx(12 / timing.generate_s)
+
+
+def test_greedy_generation_is_deterministic(tiny_model):
+    prompt = torch.tensor([[11, 12, 13]])
+    runs = [timed_generate(tiny_model, prompt, 8, True, "cpu", 2)[1] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_one_new_token_has_no_decode_time(tiny_model):
+    timing, _ = timed_generate(tiny_model, torch.tensor([[3, 4]]), 1, True, "cpu", 2)
+    assert timing.new_tokens == 1 and math.isnan(timing.decode_ms_per_token)
+
+
+def test_summarize_median_quartiles_spread():
+    stats = summarize([4.0, 1.0, 3.0, 2.0, float("nan")])
+    assert stats["median"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 4.0
+    assert stats["p25"] == 1.75 and stats["p75"] == 3.25
+    assert stats["std"] == pytest.approx(1.2909944, rel=1e-6)
+    assert summarize([7.0]) == {"median": 7.0, "mean": 7.0, "std": 0.0, "p25": 7.0, "p75": 7.0, "min": 7.0, "max": 7.0}
+    assert summarize([float("nan")]) == {}
+
+
+def test_host_peak_memory_sees_an_allocation_after_reset():
+    probe = MemoryProbe("cpu")
+    probe.reset()
+    before = probe.read()["peak_rss_gb"]
+    block = torch.ones(64 * 1024 * 1024, dtype=torch.uint8)  # 67 MB, touched
+    after = probe.read()["peak_rss_gb"]
+    del block
+    assert after - before > 0.06

@@ -1,0 +1,79 @@
+"""Real bitsandbytes layers on the CPU: the model that loads is the model that was asked for."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
+
+from falcon_exp.config import QuantizationConfig
+from falcon_exp.models import architecture_config, synthetic_state_dict
+from falcon_exp.quantization import QuantizationNotRealised, bnb_config, inspect, quantizable_linears, verify
+
+
+def load_falcon(quant: QuantizationConfig, make_quantizable: bool = True, **shape):
+    config = architecture_config("tiny-falcon")
+    for key, value in shape.items():
+        setattr(config, key, value)
+    state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=True)
+    kwargs = dict(config=config, state_dict=state, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu")
+    if make_quantizable:
+        with quantizable_linears():
+            return FalconForCausalLM.from_pretrained(None, **kwargs)
+    return FalconForCausalLM.from_pretrained(None, **kwargs)
+
+
+@pytest.mark.parametrize("bits, layer", [(4, bnb.nn.Linear4bit), (8, bnb.nn.Linear8bitLt)])
+def test_every_falcon_linear_but_the_head_is_quantized(bits, layer):
+    model = load_falcon(QuantizationConfig(bits=bits))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 4 * 4 + 1  # four per layer, and the output head
+    assert all(isinstance(m, layer) for n, m in linears.items() if n != "lm_head")
+    assert not isinstance(linears["lm_head"], layer)
+    report = verify(model, QuantizationConfig(bits=bits))
+    assert report.quantized_layers == 16 and report.realised == f"{bits}bit"
+
+
+def test_transformers_alone_leaves_falcon_unquantized_and_verify_refuses_it():
+    """The silent failure of REFERENCE.md: FalconLinear is not exactly nn.Linear."""
+    model = load_falcon(QuantizationConfig(bits=4), make_quantizable=False)
+    assert inspect(model).realised == "none"
+    with pytest.raises(QuantizationNotRealised, match="asked for bits=4 but the model loaded as none"):
+        verify(model, QuantizationConfig(bits=4))
+
+
+def test_the_twin_class_is_restored_after_loading():
+    with quantizable_linears():
+        pass
+    from transformers.models.falcon import modeling_falcon
+
+    assert modeling_falcon.FalconLinear is FalconLinear
+
+
+def test_weight_footprints_order_4_8_16_and_count_the_scales():
+    sizes = {bits: inspect(load_falcon(QuantizationConfig(bits=bits))).weights_bytes for bits in (4, 8, 16)}
+    assert sizes[4] < sizes[8] < sizes[16]
+    linear_params = 4 * (256 * 384 + 256 * 256 + 2 * 256 * 1024)
+    embedding = 49152 * 256 * 2
+    norms = (4 * 2 + 1) * 2 * 256 * 2  # two per layer and the final one, weight and bias
+    rotary = 2 * 16 * 4  # inv_freq and its original, fp32 buffers
+    assert sizes[16] == embedding + linear_params * 2 + norms + rotary
+    # int8 weights plus one fp32 scale per output row
+    rows = 4 * (384 + 256 + 1024 + 256)
+    assert sizes[8] == sizes[16] - linear_params * 2 + linear_params + rows * 4
+
+
+def test_bnb_config_carries_every_knob():
+    four = bnb_config(QuantizationConfig(bits=4, quant_type="fp4", compute_dtype="float16", double_quant=True))
+    assert (four.bnb_4bit_quant_type, four.bnb_4bit_compute_dtype, four.bnb_4bit_use_double_quant) == ("fp4", torch.float16, True)
+    eight = bnb_config(QuantizationConfig(bits=8, int8_threshold=0.0))
+    assert eight.load_in_8bit and eight.llm_int8_threshold == 0.0
+    assert bnb_config(QuantizationConfig(bits=16)) is None
+
+
+def test_verify_refuses_a_partly_quantized_model():
+    model = load_falcon(QuantizationConfig(bits=8))
+    model.transformer.h[0].mlp.dense_h_to_4h = torch.nn.Linear(256, 1024)
+    with pytest.raises(QuantizationNotRealised, match="only 15 of the 16 linear layers"):
+        verify(model, QuantizationConfig(bits=8))
