@@ -28,12 +28,13 @@ class Sample:
     prompt: str
     output: str
     timing: Timing
+    memory: dict[str, float]  # peaks during this generation alone
 
 
 @dataclass
 class JobResult:
     samples: list[Sample]
-    memory: dict[str, float]
+    memory: dict[str, float]  # peaks over all timed generations
     report: QuantizationReport
     load_s: float | None  # None when the model was reused from an earlier job
     device: str
@@ -76,17 +77,19 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
     for _ in range(job.generation.warmup):
         generate(0)
     probe = MemoryProbe(device)
-    probe.reset()
     samples = []
     count = len(inputs)
     for repetition in range(job.generation.repetitions):  # repetitions outermost: drift spreads over prompts
         for index in range(count):
+            probe.reset()
             timing, generated = generate(index)
+            memory = probe.read()
             output = tokenizer.decode(generated, skip_special_tokens=True)
-            samples.append(Sample(index, repetition, job.prompts.items[index], output, timing))
+            samples.append(Sample(index, repetition, job.prompts.items[index], output, timing, memory))
             say(
                 f"prompt {index + 1}/{count} rep {repetition + 1}/{job.generation.repetitions}: "
                 f"{timing.new_tokens} tokens in {timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token)"
             )
     samples.sort(key=lambda s: (s.prompt_index, s.repetition))
-    return JobResult(samples, probe.read(), loaded.report, None if reused else loaded.load_s, device)
+    peaks = {key: max(s.memory[key] for s in samples) for key in samples[0].memory}
+    return JobResult(samples, peaks, loaded.report, None if reused else loaded.load_s, device)

@@ -139,18 +139,17 @@ def log_result(run_id: str, job: JobConfig, result: JobResult, reused: bool) -> 
     metrics: list[Metric] = []
     columns = {f"time/{n}": [getattr(s.timing, n) for s in result.samples] for n in TIMING_METRICS}
     columns |= {f"tokens/{n}": [getattr(s.timing, n) for s in result.samples] for n in TOKEN_METRICS}
+    columns |= {f"memory/{k}": [s.memory[k] for s in result.samples] for k in result.samples[0].memory}
     for key, values in columns.items():
-        for sample, value in zip(result.samples, values):
-            step = sample.prompt_index * reps + sample.repetition
-            metrics.append(Metric(f"sample/{key}", float(value), now, step))
-    for key, values in columns.items():
+        steps = [sample.prompt_index * reps + sample.repetition for sample in result.samples]
+        metrics += [Metric(f"sample/{key}", float(v), now, step) for v, step in zip(values, steps)]
         if key.startswith("tokens/"):
             metrics.append(Metric(f"{key}_total", float(sum(values)), now, 0))
-            continue
-        stats = summarize([float(v) for v in values])
-        if stats:
-            metrics.append(Metric(key, stats["median"], now, 0))
-            metrics += [Metric(f"{key}.{s}", stats[s], now, 0) for s in SPREAD]
+        elif key.startswith("time/"):  # memory's run-level figures are peaks, logged below
+            stats = summarize([float(v) for v in values])
+            if stats:
+                metrics.append(Metric(key, stats["median"], now, 0))
+                metrics += [Metric(f"{key}.{s}", stats[s], now, 0) for s in SPREAD]
     memory = {"memory/weights_gb": result.report.weights_bytes / 1e9} | {f"memory/{k}": v for k, v in result.memory.items()}
     metrics += [Metric(k, float(v), now, 0) for k, v in memory.items()]
     metrics += [
@@ -223,3 +222,10 @@ def print_summary(children: list) -> None:
     uri = tracking_uri()
     lines.append(f"runs are in {uri}; compare them with: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def log_figures(run_id: str, paths: list[Path]) -> None:
+    """Attach the analysis' files to a sweep's parent run."""
+    client = _client()
+    for path in paths:
+        client.log_artifact(run_id, str(path), "analysis")

@@ -1,0 +1,24 @@
+"""MLflow -> tidy DataFrames -> comparison tables and paper figures. Reads only MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from falcon_exp.analysis import figures, tables
+from falcon_exp.analysis.load import Loaded, load
+
+
+def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | None = "latest", filter_string: str = "") -> tuple[Loaded, list[Path]]:
+    """Write the comparison table, the tidy data and the figures of the selected runs under `out`."""
+    loaded = load(uri, experiment, sweep, filter_string)
+    if loaded.runs.empty:
+        return loaded, []
+    keys = tables.varying(loaded.runs)
+    table = tables.comparison(loaded.runs)
+    written = tables.write(table, out)
+    tidy = out / "runs_by_prompt.csv"
+    columns = [c for c in loaded.tidy.columns if c != "start_time"]
+    loaded.tidy[columns].to_csv(tidy, index=False, float_format="%.10g", lineterminator="\n")
+    written.append(tidy)
+    written += figures.make_all(loaded.runs, loaded.samples, keys, out)
+    return loaded, written

@@ -1,0 +1,150 @@
+"""Figures in one style, each as PNG, PDF and SVG, byte-identical for the same runs: a fixed
+font shipped with matplotlib, no dates or software versions in the files' metadata, a fixed SVG
+hash salt, and rows in a stable order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from falcon_exp.analysis.tables import MODE_ORDER, ordered, peak_memory  # noqa: E402
+
+STYLE = {
+    "font.family": "DejaVu Sans",
+    "svg.hashsalt": "falcon-exp",
+    "svg.fonttype": "path",
+    "pdf.fonttype": 42,
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "axes.titlesize": 11,
+}
+METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Creator": None, "Date": None},
+}
+PEAK_LABEL = "peak memory GB (allocator over GPUs, else host RSS)"
+
+
+def _save(figure, directory: Path, stem: str) -> list[Path]:
+    paths = []
+    for suffix, metadata in METADATA.items():
+        path = directory / f"{stem}.{suffix}"
+        figure.savefig(path, metadata=metadata, bbox_inches="tight")
+        paths.append(path)
+    plt.close(figure)
+    return paths
+
+
+def _modes(frame: pd.DataFrame) -> list[str]:
+    return sorted(frame["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 99), m))
+
+
+def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """A configuration's name in legends: its mode and the other keys the sweep varied."""
+    others = [k for k in keys if k not in ("mode", "bits")]
+    return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k}={r[k]}" for k in others]), axis=1)
+
+
+def _sample_peak(samples: pd.DataFrame) -> pd.Series:
+    gpu = samples.get("sample/memory/peak_allocated_gb", pd.Series(float("nan"), index=samples.index))
+    return gpu.fillna(samples["sample/memory/peak_rss_gb"])
+
+
+def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
+    """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
+    mode, error bars spanning the repetitions (min to max)."""
+    data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
+    data = data.assign(**{"peak GB": _sample_peak(data), "prompt": data["prompt_index"] + 1})
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    order = list(dict.fromkeys(_label(ordered(runs), keys)))
+    for axis, column, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], "sample/time/generate_s", "generate s (per prompt)")):
+        sns.barplot(data=data, x="prompt", y=column, hue="config", hue_order=order, errorbar=("pi", 100), ax=axis, capsize=0.1, err_kws={"linewidth": 1})
+        axis.set_title(title)
+        axis.set_ylabel(column.split("/")[-1])
+    axes[0].get_legend().remove()
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1, 1), title=None)
+    figure.suptitle("Memory and time per prompt")
+    return _save(figure, directory, "memory_time_per_prompt")
+
+
+def tradeoff(runs, keys, directory) -> list[Path]:
+    """Peak memory against decode time per token: one point per configuration."""
+    runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    sns.scatterplot(data=runs, x="peak", y="time/decode_ms_per_token", hue="mode", hue_order=_modes(runs), s=70, ax=axis)
+    axis.errorbar(
+        runs["peak"], runs["time/decode_ms_per_token"],
+        yerr=[runs["time/decode_ms_per_token"] - runs["time/decode_ms_per_token.p25"],
+              runs["time/decode_ms_per_token.p75"] - runs["time/decode_ms_per_token"]],
+        fmt="none", ecolor="grey", elinewidth=1, capsize=3,
+    )
+    for _, row in runs.iterrows():
+        axis.annotate(row["config"], (row["peak"], row["time/decode_ms_per_token"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    axis.set_xlabel(PEAK_LABEL)
+    axis.set_ylabel("decode ms/token (median, IQR)")
+    axis.set_title("Memory against speed")
+    return _save(figure, directory, "tradeoff")
+
+
+def latency_per_prompt(runs, samples, keys, directory) -> list[Path]:
+    """Decode time per token for each prompt, error bars across repetitions (min to max)."""
+    data = samples.merge(runs[["run_id"]].assign(config=_label(runs, keys)), on="run_id")
+    data = data.assign(prompt=data["prompt_index"] + 1)
+    order = list(dict.fromkeys(_label(ordered(runs), keys)))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    sns.pointplot(data=data, x="prompt", y="sample/time/decode_ms_per_token", hue="config", hue_order=order,
+                  errorbar=("pi", 100), dodge=0.3, capsize=0.1, linestyle="none", ax=axis)
+    axis.set_ylabel("decode ms/token")
+    axis.set_title("Per-prompt decode latency (bars: min to max over repetitions)")
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1, 1), title=None)
+    return _save(figure, directory, "latency_per_prompt")
+
+
+def time_vs_max_length(runs, samples, directory) -> list[Path]:
+    """End-to-end time per prompt against max_length, a line per mode."""
+    data = samples.merge(runs[["run_id", "mode", "max_length"]], on="run_id")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=data, x="max_length", y="sample/time/generate_s", hue="mode", hue_order=_modes(runs),
+                 marker="o", errorbar=("pi", 50), ax=axis)
+    axis.set_ylabel("generate s per prompt (median, IQR band)")
+    axis.set_title("Time against max_length")
+    return _save(figure, directory, "time_vs_max_length")
+
+
+def quality_vs_memory(runs, keys, metric, directory) -> list[Path]:
+    runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    sns.scatterplot(data=runs, x="memory/weights_gb", y=metric, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
+    for _, row in runs.iterrows():
+        axis.annotate(row["config"], (row["memory/weights_gb"], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    axis.set_xlabel("weights GB")
+    axis.set_ylabel(metric)
+    axis.set_title("Quality against memory")
+    return _save(figure, directory, "quality_vs_memory")
+
+
+QUALITY_METRICS = ("quality/kl_mean", "quality/perplexity")
+
+
+def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    with plt.rc_context(STYLE), sns.axes_style("whitegrid"):
+        sns.set_palette("colorblind")
+        paths += memory_and_time_per_prompt(runs, samples, keys, directory)
+        paths += tradeoff(runs, keys, directory)
+        paths += latency_per_prompt(runs, samples, keys, directory)
+        if "max_length" in runs and runs["max_length"].nunique() > 1:
+            paths += time_vs_max_length(runs, samples, directory)
+        for metric in QUALITY_METRICS:
+            if metric in runs and runs[metric].notna().any():
+                paths += quality_vs_memory(runs, keys, metric, directory)
+                break
+    return paths

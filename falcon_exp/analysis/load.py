@@ -1,0 +1,107 @@
+"""MLflow -> pandas. The analysis reads only the tracking store, never the runner's internals.
+
+Three frames, every column named as in MLflow (params by their dotted config key, metrics by
+their metric key):
+- runs: a row per usable run, its params, tags that matter and run-level metrics;
+- samples: a row per run x prompt x repetition, from the `sample/...` metric histories
+  (step = prompt_index * repetitions + repetition);
+- tidy: a row per run x prompt: the run's columns and, per sample metric, the median over the
+  repetitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+REQUIRED_METRICS = ("time/decode_ms_per_token", "time/generate_s", "memory/weights_gb", "sample/time/generate_s",
+                    "sample/time/decode_ms_per_token", "sample/memory/peak_rss_gb")
+TAGS = ("falcon_exp.model", "falcon_exp.weights", "falcon_exp.device", "device.name", "falcon_exp.model_reused")
+
+
+@dataclass
+class Loaded:
+    runs: pd.DataFrame
+    samples: pd.DataFrame
+    tidy: pd.DataFrame
+    skipped: list[str]  # one line per run left out, saying why
+    source: str  # what was read: the sweep's parent run, or the experiment
+    parent_run_id: str | None  # the sweep's parent run, where one was read
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_string: str = ""):
+    """The runs to analyse: a sweep's children (the latest sweep by default, or a parent run id),
+    or with sweep=None every run of the experiment that is not a sweep's parent."""
+    from falcon_exp.config import FalconExpError
+
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments()]
+        raise FalconExpError(f"experiment {experiment!r} is not in {uri}; it has: {', '.join(names) or 'none'}")
+    ids = [found.experiment_id]
+    if sweep == "latest":
+        parents = client.search_runs(ids, filter_string="tags.falcon_exp.sweep_dir LIKE '%'", order_by=["attributes.start_time DESC"], max_results=1)
+        sweep = parents[0].info.run_id if parents else None
+    if sweep:
+        clause = f"tags.mlflow.parentRunId = '{sweep}'"
+        runs = client.search_runs(ids, filter_string=" and ".join(filter(None, [clause, filter_string])), max_results=50000)
+        parent = client.get_run(sweep)
+        return runs, f"sweep {parent.info.run_name!r} ({sweep})", sweep
+    runs = client.search_runs(ids, filter_string=filter_string, max_results=50000)
+    return [r for r in runs if "falcon_exp.sweep_dir" not in r.data.tags], f"experiment {experiment!r}", None
+
+
+def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest", filter_string: str = "") -> Loaded:
+    client = _client(uri)
+    found, source, parent_run_id = select_runs(uri, experiment, sweep, filter_string)
+    rows, sample_rows, skipped = [], [], []
+    for run in sorted(found, key=lambda r: (r.info.start_time, r.info.run_id)):
+        name = run.info.run_name or run.info.run_id
+        missing = [m for m in REQUIRED_METRICS if m not in run.data.metrics]
+        if run.info.status != "FINISHED" or missing:
+            why = f"status {run.info.status}" if run.info.status != "FINISHED" else f"no {', '.join(missing)}"
+            skipped.append(f"{name} ({run.info.run_id}): {why}")
+            continue
+        row = {"run_id": run.info.run_id, "run_name": name, "start_time": run.info.start_time}
+        row |= {k: _number(v) for k, v in run.data.params.items()}
+        row |= {k: run.data.tags[k] for k in TAGS if k in run.data.tags}
+        row |= {k: v for k, v in run.data.metrics.items() if not k.startswith("sample/")}
+        rows.append(row)
+        repetitions = int(run.data.params.get("repetitions", 1))
+        per_step: dict[int, dict] = {}
+        for key in sorted(k for k in run.data.metrics if k.startswith("sample/")):
+            for point in client.get_metric_history(run.info.run_id, key):
+                per_step.setdefault(point.step, {})[key] = point.value
+        for step, values in sorted(per_step.items()):
+            sample_rows.append(
+                {"run_id": run.info.run_id, "prompt_index": step // repetitions, "repetition": step % repetitions} | values
+            )
+    runs = pd.DataFrame(rows)
+    samples = pd.DataFrame(sample_rows)
+    tidy = _tidy(runs, samples)
+    return Loaded(runs=runs, samples=samples, tidy=tidy, skipped=skipped, source=source, parent_run_id=parent_run_id)
+
+
+def _tidy(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty or samples.empty:
+        return pd.DataFrame()
+    per_prompt = samples.drop(columns="repetition").groupby(["run_id", "prompt_index"], sort=True).median().reset_index()
+    return runs.merge(per_prompt, on="run_id", how="inner")
+
+
+def _number(value: str):
+    """Params come back as strings; numbers become numbers so they sort and plot as such."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            pass
+    return value

@@ -1,0 +1,101 @@
+"""The comparison table: a row per run (mode and what the sweep varied), the logged metrics as
+they are, their spread over repetitions, and ratios against a reference mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+# (metric key, column title); each timing column gets its [p25, p75] from the logged spread.
+COLUMNS = (
+    ("memory/weights_gb", "weights GB"),
+    ("memory/peak_gb", "peak GB"),
+    ("time/ttft_ms", "TTFT ms"),
+    ("time/decode_ms_per_token", "decode ms/token"),
+    ("time/tokens_per_s", "tokens/s"),
+    ("time/generate_s", "generate s"),
+)
+SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
+RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
+# Config keys that identify a configuration when a sweep varies them.
+KEYS = ("model.name", "mode", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
+        "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
+MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
+
+
+def peak_memory(runs: pd.DataFrame) -> pd.Series:
+    """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS."""
+    gpu = runs["memory/peak_allocated_gb"] if "memory/peak_allocated_gb" in runs else pd.Series(float("nan"), index=runs.index)
+    return gpu.fillna(runs["memory/peak_rss_gb"])
+
+
+def varying(runs: pd.DataFrame) -> list[str]:
+    """The identifying config keys whose value differs between runs (mode always shown)."""
+    return ["mode"] + [k for k in KEYS if k != "mode" and k in runs and runs[k].astype(str).nunique() > 1]
+
+
+def ordered(runs: pd.DataFrame) -> pd.DataFrame:
+    """A stable order: by model, mode, then every varying key, then start time."""
+    keys = [k for k in ("model.name",) + tuple(varying(runs)) if k in runs]
+    frame = runs.assign(_mode=runs["mode"].map(MODE_ORDER).fillna(99))
+    return frame.sort_values(["_mode" if k == "mode" else k for k in keys] + ["start_time", "run_id"], kind="stable").drop(columns="_mode")
+
+
+def reference_mode(runs: pd.DataFrame) -> str | None:
+    """Ratios are against the unquantized baseline when the runs have one, else against int8."""
+    modes = set(runs["mode"])
+    return next((m for m in ("bf16", "fp16", "fp32", "int8") if m in modes), None)
+
+
+def comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Numbers exactly as logged (medians and quartiles), plus ratios to the reference mode."""
+    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    keys = varying(runs)
+    table = runs[keys + [c for c, _ in COLUMNS]].copy()
+    for key in SPREAD:
+        for q in ("p25", "p75"):
+            table[f"{key}.{q}"] = runs[f"{key}.{q}"] if f"{key}.{q}" in runs else float("nan")
+    reference = reference_mode(runs)
+    if reference is not None:  # each run against the reference run of the same other settings
+        on = ["_join"] + [k for k in keys if k not in ("mode", "bits")]
+        left = runs.assign(_join=0)[on + list(RATIOS)]
+        right = left[runs["mode"].to_numpy() == reference].drop_duplicates(on)
+        merged = left.merge(right, on=on, how="left", suffixes=("", "@ref"))
+        for key in RATIOS:
+            table[f"{key} / {reference}"] = (merged[key] / merged[f"{key}@ref"]).to_numpy()
+    return table.reset_index(drop=True)
+
+
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """For Markdown and LaTeX: medians with their [p25, p75], three significant places."""
+    shown = table[[c for c in table if not c.endswith((".p25", ".p75"))]].copy()
+    for key, title in COLUMNS:
+        if key in SPREAD:
+            shown[key] = [
+                f"{m:.4g} [{lo:.4g}, {hi:.4g}]" for m, lo, hi in zip(table[key], table[f"{key}.p25"], table[f"{key}.p75"])
+            ]
+        else:
+            shown[key] = table[key].map(lambda v: f"{v:.4g}")
+        shown = shown.rename(columns={key: title})
+    for column in [c for c in shown if " / " in c]:
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    return shown
+
+
+def write(table: pd.DataFrame, directory: Path, stem: str = "comparison") -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.{suffix}" for suffix in ("csv", "md", "tex")]
+    table.to_csv(paths[0], index=False, float_format="%.10g", lineterminator="\n")
+    shown = _formatted(table)
+    paths[1].write_text(_markdown(shown))
+    paths[2].write_text(shown.to_latex(index=False, escape=True))
+    return paths
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub table (pandas' own needs the optional tabulate package)."""
+    cells = [[str(c) for c in frame.columns]] + [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join(" --- " for _ in frame.columns) + "|")
+    return "\n".join(lines) + "\n"
