@@ -196,6 +196,7 @@ class JobConfig:
     dtype: str = "bfloat16"
     max_memory: dict | None = None
     experiment: str = "falcon-exp"
+    setting: str = "custom"
     flat: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +233,7 @@ class JobConfig:
             dtype=raw.get("dtype", "bfloat16"),
             max_memory=raw.get("max_memory"),
             experiment=(raw.get("tracking") or {}).get("experiment", "falcon-exp"),
+            setting=str(raw.get("setting", "custom")),
             flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -60,7 +61,8 @@ def _nvidia_driver() -> str | None:
 
 def describe(device: str) -> dict[str, str]:
     """Tags: git state, host, device and driver, library versions."""
-    commit = _git("rev-parse", "HEAD")
+    # A copy of the tree without .git (a lent GPU machine) names its commit in the environment.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("FALCON_EXP_GIT_COMMIT")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     tags = {
         "git.commit": commit or "unknown",

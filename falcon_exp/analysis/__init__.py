@@ -16,6 +16,9 @@ def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | No
     keys = tables.varying(loaded.runs)
     table = tables.comparison(loaded.runs)
     written = tables.write(table, out)
+    flat = out / "results.csv"
+    tables.results(loaded.runs).to_csv(flat, index=False, float_format="%.10g", lineterminator="\n")
+    written.append(flat)
     tidy = out / "runs_by_prompt.csv"
     columns = [c for c in loaded.tidy.columns if c != "start_time"]
     loaded.tidy[columns].to_csv(tidy, index=False, float_format="%.10g", lineterminator="\n")

@@ -59,18 +59,19 @@ def _sample_peak(samples: pd.DataFrame) -> pd.Series:
 
 def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
     """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
-    mode, error bars spanning the repetitions (min to max)."""
+    mode (the median), error bars spanning the repetitions (min to max)."""
     data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
     data = data.assign(**{"peak GB": _sample_peak(data), "prompt": data["prompt_index"] + 1})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
     for axis, column, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], "sample/time/generate_s", "generate s (per prompt)")):
-        sns.barplot(data=data, x="prompt", y=column, hue="config", hue_order=order, errorbar=("pi", 100), ax=axis, capsize=0.1, err_kws={"linewidth": 1})
+        sns.barplot(data=data, x="prompt", y=column, hue="config", hue_order=order, estimator="median",
+                    errorbar=("pi", 100), ax=axis, capsize=0.1, err_kws={"linewidth": 1})
         axis.set_title(title)
         axis.set_ylabel(column.split("/")[-1])
     axes[0].get_legend().remove()
     sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1, 1), title=None)
-    figure.suptitle("Memory and time per prompt")
+    figure.suptitle("Memory and time per prompt (median; bars: min to max over repetitions)")
     return _save(figure, directory, "memory_time_per_prompt")
 
 
@@ -100,9 +101,9 @@ def latency_per_prompt(runs, samples, keys, directory) -> list[Path]:
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
     figure, axis = plt.subplots(figsize=(7, 4))
     sns.pointplot(data=data, x="prompt", y="sample/time/decode_ms_per_token", hue="config", hue_order=order,
-                  errorbar=("pi", 100), dodge=0.3, capsize=0.1, linestyle="none", ax=axis)
+                  estimator="median", errorbar=("pi", 100), dodge=0.3, capsize=0.1, linestyle="none", ax=axis)
     axis.set_ylabel("decode ms/token")
-    axis.set_title("Per-prompt decode latency (bars: min to max over repetitions)")
+    axis.set_title("Per-prompt decode latency (median; bars: min to max over repetitions)")
     sns.move_legend(axis, "upper left", bbox_to_anchor=(1, 1), title=None)
     return _save(figure, directory, "latency_per_prompt")
 
@@ -112,7 +113,7 @@ def time_vs_max_length(runs, samples, directory) -> list[Path]:
     data = samples.merge(runs[["run_id", "mode", "max_length"]], on="run_id")
     figure, axis = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=data, x="max_length", y="sample/time/generate_s", hue="mode", hue_order=_modes(runs),
-                 marker="o", errorbar=("pi", 50), ax=axis)
+                 marker="o", estimator="median", errorbar=("pi", 50), ax=axis)
     axis.set_ylabel("generate s per prompt (median, IQR band)")
     axis.set_title("Time against max_length")
     return _save(figure, directory, "time_vs_max_length")

@@ -12,6 +12,7 @@ their metric key):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -41,6 +42,8 @@ def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_
     or with sweep=None every run of the experiment that is not a sweep's parent."""
     from falcon_exp.config import FalconExpError
 
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FalconExpError(f"there is no MLflow store at {uri}; run `python -m falcon_exp` first or set MLFLOW_TRACKING_URI")
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -60,8 +63,8 @@ def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_
 
 
 def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest", filter_string: str = "") -> Loaded:
-    client = _client(uri)
     found, source, parent_run_id = select_runs(uri, experiment, sweep, filter_string)
+    client = _client(uri)
     rows, sample_rows, skipped = [], [], []
     for run in sorted(found, key=lambda r: (r.info.start_time, r.info.run_id)):
         name = run.info.run_name or run.info.run_id

@@ -99,3 +99,34 @@ def _markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(row) + " |" for row in cells]
     lines.insert(1, "|" + "|".join(" --- " for _ in frame.columns) + "|")
     return "\n".join(lines) + "\n"
+
+
+# The flat results file that experiments/results/ keeps: one row per run, plain names.
+RESULT_COLUMNS = {
+    "device.name": "device",
+    "model.name": "model",
+    "model.weights": "weights",
+    "setting": "setting",
+    "mode": "mode",
+    "bits": "bits",
+    "max_length": "max_length",
+    "force_length": "force_length",
+    "repetitions": "repetitions",
+    "memory/weights_gb": "weights_gb",
+    "memory/peak_gb": "peak_memory_gb",
+    "memory/peak_reserved_gb": "peak_reserved_gb",
+    "time/decode_ms_per_token": "ms_per_token",
+    "time/ttft_ms": "ttft_ms",
+    "time/tokens_per_s": "tokens_per_s",
+    "time/generate_s": "generate_s",
+    "tokens/new_tokens_total": "new_tokens_total",
+    "time/load_s": "load_s",
+    "run_id": "run_id",
+}
+
+
+def results(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with the columns experiments/results/*.csv promise."""
+    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    present = {k: v for k, v in RESULT_COLUMNS.items() if k in runs}
+    return runs[list(present)].rename(columns=present).reset_index(drop=True)
