@@ -110,6 +110,13 @@ class QuantizationConfig:
             raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
 
     @property
+    def load_key(self) -> tuple:
+        """The knobs that shape the loaded weights: int8 ignores the 4-bit ones and vice versa."""
+        if self.bits == 4:
+            return (4, self.quant_type, self.compute_dtype, self.double_quant)
+        return (8, float(self.int8_threshold)) if self.bits == 8 else (16,)
+
+    @property
     def mode(self) -> str:
         """nf4, fp4 or int8; None for the unquantized baseline."""
         return {4: self.quant_type, 8: "int8"}.get(self.bits)

@@ -255,7 +255,7 @@ class ModelCache:
     def get(self, job: JobConfig) -> tuple[LoadedModel, bool]:
         device = resolve_device(job.device)
         seed = job.seed if job.model.weights == "synthetic" else None  # the seed makes synthetic weights
-        key = (job.model, job.quantization, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
+        key = (job.model, job.quantization.load_key, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
         if key == self._key and self._loaded is not None:
             return self._loaded, True
         self.clear()
