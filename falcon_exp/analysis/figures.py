@@ -49,7 +49,7 @@ def _modes(frame: pd.DataFrame) -> list[str]:
 def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     """A configuration's name in legends: its mode and the other keys the sweep varied."""
     others = [k for k in keys if k not in ("mode", "bits")]
-    return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k}={r[k]}" for k in others]), axis=1)
+    return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
 
 
 def _sample_peak(samples: pd.DataFrame) -> pd.Series:

@@ -19,7 +19,7 @@ COLUMNS = (
 SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
 RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
 # Config keys that identify a configuration when a sweep varies them.
-KEYS = ("model.name", "mode", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
+KEYS = ("model.name", "mode", "setting", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
         "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
@@ -31,8 +31,16 @@ def peak_memory(runs: pd.DataFrame) -> pd.Series:
 
 
 def varying(runs: pd.DataFrame) -> list[str]:
-    """The identifying config keys whose value differs between runs (mode always shown)."""
-    return ["mode"] + [k for k in KEYS if k != "mode" and k in runs and runs[k].astype(str).nunique() > 1]
+    """The identifying config keys that tell the runs apart: mode always, then each key whose
+    value is not already fixed by the keys before it (a setting fixes its quantization knobs)."""
+    chosen = ["mode"]
+    text = runs.astype(str)
+    for key in KEYS:
+        if key in chosen or key not in runs:
+            continue
+        if text.groupby(chosen)[key].nunique().max() > 1:
+            chosen.append(key)
+    return chosen
 
 
 def ordered(runs: pd.DataFrame) -> pd.DataFrame:
