@@ -7,6 +7,7 @@ tokenizer or tracking run exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,9 +224,11 @@ class JobConfig:
         model_raw = raw["model"]
         if not isinstance(model_raw, dict) or "name" not in model_raw:
             raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(group_choices('model'))}")
+        model = ModelConfig.from_dict(model_raw)
+        raw["model"] = dataclasses.asdict(model)  # params show the model as resolved (a path names it)
         quant = dict(raw.get("quantization") or {})
         return cls(
-            model=ModelConfig.from_dict(model_raw),
+            model=model,
             quantization=QuantizationConfig(bits=raw["bits"], **quant),
             prompts=Prompts.from_dict(raw["prompts"]),
             generation=GenerationConfig(

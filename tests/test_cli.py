@@ -67,3 +67,43 @@ def test_readme_names_the_commands_it_promises():
     readme = (REPO / "README.md").read_text()
     for command in ('pip install -e ".[dev]"', "python -m falcon_exp -m bits=4,8", "python -m pytest"):
         assert command in readme
+
+
+def test_joblib_launcher_runs_jobs_side_by_side_into_one_store(tmp_path, store, two_prompts):
+    done = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "bits=4,8", *QUICK,
+                   f"prompts.file={two_prompts}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, _ = runs_of(store)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.data.params["mode"] for c in children) == ["int8", "nf4"]
+    assert all(c.info.status == "FINISHED" for c in runs) and len(runs) == 3
+
+
+def test_a_failing_job_is_logged_failed_and_the_sweep_goes_on(tmp_path, store, two_prompts):
+    """A local checkpoint loads; a copy with corrupt weights fails at load time."""
+    import shutil
+
+    import torch
+    from transformers.models.falcon.modeling_falcon import FalconForCausalLM
+
+    from falcon_exp.models import architecture_config, synthetic_state_dict, synthetic_tokenizer_dir
+
+    config = architecture_config("tiny-falcon")
+    model = FalconForCausalLM.from_pretrained(None, config=config, state_dict=synthetic_state_dict(config, 0, torch.bfloat16, True))
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    model.save_pretrained(good)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(synthetic_tokenizer_dir() / name, good / name)
+    shutil.copytree(good, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = [a for a in QUICK if not a.startswith("model=")]
+    done = run_cli("-m", f"model.path={good},{bad}", "bits=8", *args, f"prompts.file={two_prompts}", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "1 of 2 jobs failed" in done.stderr and "Traceback" not in done.stderr
+    runs, client = runs_of(store)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {r.data.params["model.name"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert parent.info.status == "FAILED"
+    assert children["good"].info.status == "FINISHED" and children["good"].data.params["model.weights"] == "hub"
+    assert children["bad"].info.status == "FAILED" and children["bad"].data.tags["falcon_exp.error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(children["bad"].info.run_id)}
