@@ -194,11 +194,27 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool = True
+    reference_tokens: int = 32  # forced greedy tokens of the reference after each prompt
+    eval_tokens: int | None = 256  # tokens of each evaluation text scored (null: all)
+    window: int = 256  # perplexity window, non-overlapping
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"quality.enabled={self.enabled!r} is not allowed; choose true or false")
+        _positive_int("quality.reference_tokens", self.reference_tokens)
+        _positive_int("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
+        _positive_int("quality.window", self.window, minimum=2)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: ModelConfig
     quantization: QuantizationConfig
     prompts: Prompts
     generation: GenerationConfig
+    quality: QualityConfig = field(default_factory=QualityConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "bfloat16"
@@ -238,6 +254,7 @@ class JobConfig:
                 repetitions=raw.get("repetitions", 1),
                 warmup=raw.get("warmup", 1),
             ),
+            quality=QualityConfig(**(raw.get("quality") or {})),
             seed=raw.get("seed", 0),
             device=raw.get("device", "auto"),
             dtype=raw.get("dtype", "bfloat16"),

@@ -252,16 +252,21 @@ class ModelCache:
         self._key: tuple | None = None
         self._loaded: LoadedModel | None = None
 
-    def get(self, job: JobConfig) -> tuple[LoadedModel, bool]:
-        device = resolve_device(job.device)
+    @staticmethod
+    def _key_of(job: JobConfig) -> tuple:
         seed = job.seed if job.model.weights == "synthetic" else None  # the seed makes synthetic weights
-        key = (job.model, job.quantization.load_key, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
-        if key == self._key and self._loaded is not None:
-            return self._loaded, True
-        self.clear()
-        self._loaded = _load(job, device)
-        self._key = key
-        return self._loaded, False
+        device = resolve_device(job.device)
+        return (job.model, job.quantization.load_key, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
+
+    def holds(self, job: JobConfig) -> bool:
+        return self._loaded is not None and self._key == self._key_of(job)
+
+    def get(self, job: JobConfig) -> LoadedModel:
+        if not self.holds(job):
+            self.clear()
+            self._loaded = _load(job, resolve_device(job.device))
+            self._key = self._key_of(job)
+        return self._loaded
 
     def clear(self) -> None:
         """Free the held model (and its GPU memory) before another loads or after a failure."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from falcon_exp import quality
 from falcon_exp.config import ConfigError, JobConfig
 from falcon_exp.measure import MemoryProbe, Timing, timed_generate
 from falcon_exp.models import MODELS, load_tokenizer, say
@@ -38,6 +39,7 @@ class JobResult:
     report: QuantizationReport
     load_s: float | None  # None when the model was reused from an earlier job
     device: str
+    quality: dict[str, float]  # empty when quality.enabled is false
 
 
 def encode(tokenizer, prompt: str, chat_template: bool) -> torch.Tensor:
@@ -64,7 +66,10 @@ def prepare(job: JobConfig) -> Prepared:
 
 
 def run(job: JobConfig, prepared: Prepared) -> JobResult:
-    loaded, reused = MODELS.get(job)
+    reused = MODELS.holds(job)
+    # the reference first: it may load the unquantized model, which must not evict this job's
+    reference = quality.reference(job, prepared.tokenizer, prepared.input_ids) if job.quality.enabled else None
+    loaded = MODELS.get(job)
     device, model, tokenizer = loaded.device, loaded.model, prepared.tokenizer
     first_device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -78,12 +83,14 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
         generate(0)
     probe = MemoryProbe(device)
     samples = []
+    generated_by_prompt: dict[int, list[int]] = {}  # each prompt's first timed continuation
     count = len(inputs)
     for repetition in range(job.generation.repetitions):  # repetitions outermost: drift spreads over prompts
         for index in range(count):
             probe.reset()
             timing, generated = generate(index)
             memory = probe.read()
+            generated_by_prompt.setdefault(index, generated)
             output = tokenizer.decode(generated, skip_special_tokens=True)
             samples.append(Sample(index, repetition, job.prompts.items[index], output, timing, memory))
             say(
@@ -92,4 +99,8 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
             )
     samples.sort(key=lambda s: (s.prompt_index, s.repetition))
     peaks = {key: max(s.memory[key] for s in samples) for key in samples[0].memory}
-    return JobResult(samples, peaks, loaded.report, None if reused else loaded.load_s, device)
+    scores = {}
+    if reference is not None:
+        outputs = [generated_by_prompt[i] for i in range(count)]
+        scores = quality.measure(model, tokenizer, job, prepared.input_ids, reference, outputs)
+    return JobResult(samples, peaks, loaded.report, None if reused else loaded.load_s, device, scores)

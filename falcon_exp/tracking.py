@@ -158,6 +158,7 @@ def log_result(run_id: str, job: JobConfig, result: JobResult, reused: bool) -> 
     ]
     if result.load_s is not None:
         metrics.append(Metric("time/load_s", result.load_s, now, 0))
+    metrics += [Metric(k, float(v), now, 0) for k, v in result.quality.items()]
     tags = {
         "falcon_exp.model_reused": str(reused).lower(),
         "falcon_exp.quantization_realised": result.report.realised,

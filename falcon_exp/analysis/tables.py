@@ -16,6 +16,14 @@ COLUMNS = (
     ("time/tokens_per_s", "tokens/s"),
     ("time/generate_s", "generate s"),
 )
+# Quality columns, shown where the runs logged them.
+QUALITY = (
+    ("quality/kl_mean", "KL vs ref"),
+    ("quality/top1_agreement", "top-1 agree"),
+    ("quality/greedy_match", "greedy match"),
+    ("quality/perplexity_en", "ppl en"),
+    ("quality/perplexity_zh", "ppl zh"),
+)
 SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
 RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
 # Config keys that identify a configuration when a sweep varies them.
@@ -60,7 +68,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     """Numbers exactly as logged (medians and quartiles), plus ratios to the reference mode."""
     runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
     keys = varying(runs)
-    table = runs[keys + [c for c, _ in COLUMNS]].copy()
+    table = runs[keys + [c for c, _ in COLUMNS] + [c for c, _ in QUALITY if c in runs]].copy()
     for key in SPREAD:
         for q in ("p25", "p75"):
             table[f"{key}.{q}"] = runs[f"{key}.{q}"] if f"{key}.{q}" in runs else float("nan")
@@ -86,6 +94,10 @@ def _formatted(table: pd.DataFrame) -> pd.DataFrame:
         else:
             shown[key] = table[key].map(lambda v: f"{v:.4g}")
         shown = shown.rename(columns={key: title})
+    for key, title in QUALITY:
+        if key in shown:
+            shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+            shown = shown.rename(columns={key: title})
     for column in [c for c in shown if " / " in c]:
         shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
     return shown
@@ -129,6 +141,10 @@ RESULT_COLUMNS = {
     "time/generate_s": "generate_s",
     "tokens/new_tokens_total": "new_tokens_total",
     "time/load_s": "load_s",
+    "quality/kl_mean": "kl_mean",
+    "quality/top1_agreement": "top1_agreement",
+    "quality/perplexity_en": "perplexity_en",
+    "quality/perplexity_zh": "perplexity_zh",
     "run_id": "run_id",
 }
 
