@@ -87,27 +87,28 @@ def _key(job: JobConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _forced(model, prompt_ids: torch.Tensor, count: int, pad: int) -> list[int]:
+def _forced(model, prompt_ids: torch.Tensor, count: int, pad_token_id: int) -> list[int]:
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model.generate(prompt_ids.to(device), attention_mask=torch.ones_like(prompt_ids).to(device),
-                             max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=pad)
+                             max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=pad_token_id)
     return out[0, prompt_ids.shape[1] :].tolist()
 
 
-def score(model, tokenizer, job: JobConfig, input_ids, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:
+def score(model, job: JobConfig, prepared, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:
     """A model's log-probabilities over given continuations, and its perplexity per language."""
     logprobs = []
-    for prompt, continuation in zip(input_ids, continuations):
+    for prompt, continuation in zip(prepared.input_ids, continuations):
         full = prompt[0].tolist() + continuation
         logprobs.append(_logprobs(model, full)[prompt.shape[1] - 1 :])
     perplexities = {
-        lang: text_perplexity(model, eval_ids(tokenizer, lang, job.quality.eval_tokens), job.quality.window) for lang in EVAL_TEXTS
+        lang: text_perplexity(model, eval_ids(prepared.tokenizer, lang, job.quality.eval_tokens), job.quality.window)
+        for lang in EVAL_TEXTS
     }
     return logprobs, perplexities
 
 
-def reference(job: JobConfig, tokenizer, input_ids) -> Reference:
+def reference(job: JobConfig, prepared) -> Reference:
     """The unquantized model's continuations, log-probabilities and perplexities: from the disk
     cache, or computed now (loading the model in `dtype` through the shared model cache)."""
     path = cache_dir() / "reference" / f"{_key(job)}.pt"
@@ -115,10 +116,9 @@ def reference(job: JobConfig, tokenizer, input_ids) -> Reference:
         return Reference(**torch.load(path))
     baseline = dataclasses.replace(job, quantization=QuantizationConfig(bits=16))
     say(f"computing the {job.dtype} reference for quality metrics (once; cached at {path})")
-    loaded = MODELS.get(baseline)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    continuations = [_forced(loaded.model, ids, job.quality.reference_tokens, pad) for ids in input_ids]
-    logprobs, perplexities = score(loaded.model, tokenizer, job, input_ids, continuations)
+    model = MODELS.get(baseline).model
+    continuations = [_forced(model, ids, job.quality.reference_tokens, prepared.pad_token_id) for ids in prepared.input_ids]
+    logprobs, perplexities = score(model, job, prepared, continuations)
     result = Reference(continuations, logprobs, perplexities)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
@@ -136,10 +136,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def measure(model, tokenizer, job: JobConfig, input_ids, ref: Reference, outputs: list[list[int]]) -> dict[str, float]:
+def measure(model, job: JobConfig, prepared, ref: Reference, outputs: list[list[int]]) -> dict[str, float]:
     """Quality metrics of a run against the reference. `outputs`: the run's greedy tokens per
     prompt, compared with the reference's over their common length."""
-    logprobs, perplexities = score(model, tokenizer, job, input_ids, ref.continuations)
+    logprobs, perplexities = score(model, job, prepared, ref.continuations)
     kl = torch.cat([kl_divergence(r, q) for r, q in zip(ref.logprobs, logprobs)])
     top1 = torch.cat([(r.argmax(-1) == q.argmax(-1)).float() for r, q in zip(ref.logprobs, logprobs)])
     prefixes = [common_prefix(o, c) for o, c in zip(outputs, ref.continuations)]

@@ -20,6 +20,7 @@ class Prepared:
     tokenizer: object
     input_ids: tuple[torch.Tensor, ...]
     new_tokens: tuple[int, ...]
+    pad_token_id: int
 
 
 @dataclass(frozen=True)
@@ -62,21 +63,23 @@ def prepare(job: JobConfig) -> Prepared:
             f"max_length={job.generation.max_length} leaves no room to generate: the longest prompt of "
             f"prompts={job.prompts.name} is {longest} tokens; allowed: max_length >= {longest + 1}, or set max_new_tokens"
         )
-    return Prepared(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prepared(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens, pad_token_id=pad)
 
 
 def run(job: JobConfig, prepared: Prepared) -> JobResult:
     reused = MODELS.holds(job)
     # the reference first: it may load the unquantized model, which must not evict this job's
-    reference = quality.reference(job, prepared.tokenizer, prepared.input_ids) if job.quality.enabled else None
+    reference = quality.reference(job, prepared) if job.quality.enabled else None
     loaded = MODELS.get(job)
     device, model, tokenizer = loaded.device, loaded.model, prepared.tokenizer
     first_device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     inputs = [ids.to(first_device) for ids in prepared.input_ids]
 
     def generate(index: int) -> tuple[Timing, list[int]]:
-        return timed_generate(model, inputs[index], prepared.new_tokens[index], job.generation.force_length, device, pad)
+        return timed_generate(
+            model, inputs[index], prepared.new_tokens[index], job.generation.force_length, device, prepared.pad_token_id
+        )
 
     torch.manual_seed(job.seed)
     for _ in range(job.generation.warmup):
@@ -102,5 +105,5 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
     scores = {}
     if reference is not None:
         outputs = [generated_by_prompt[i] for i in range(count)]
-        scores = quality.measure(model, tokenizer, job, prepared.input_ids, reference, outputs)
+        scores = quality.measure(model, job, prepared, reference, outputs)
     return JobResult(samples, peaks, loaded.report, None if reused else loaded.load_s, device, scores)

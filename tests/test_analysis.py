@@ -45,6 +45,7 @@ def test_two_runs_in_two_folders_write_identical_figures_and_tables(tmp_path, sw
     assert "read 4 runs of sweep" in first
     table = (tmp_path / "a" / "figures" / "comparison.md").read_text()
     assert "| nf4 |" in table and "| int8 |" in table
+    assert "KL vs ref" in table and "ppl zh" in table and "figures/quality_vs_memory.png" in {str(f) for f in files}
 
 
 def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store):
