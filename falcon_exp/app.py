@@ -64,6 +64,10 @@ def run_job(cfg: DictConfig) -> str:
         device = resolve_device(job.device)
     except FalconExpError as error:
         fail(error, EXIT_BAD_INPUT)
+    name = job_name(job)
+    if job.resume and (done := tracking.finished_run(job)):
+        say(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
+        return "SKIPPED"
     sweep_dir = _in_sweep()
     parent = tracking.sweep_parent_run_id(sweep_dir) if sweep_dir else None
     tags = _environment_tags(device) | {
@@ -78,13 +82,14 @@ def run_job(cfg: DictConfig) -> str:
         tags["falcon_exp.output_dir"] = hydra_dir
     except ValueError:
         hydra_dir = None
-    name = job_name(job)
     try:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
             result = runner.run(job, prepared)
             tracking.log_result(run_id, job, result, reused=result.load_s is None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the job's run is KILLED already; so is its sweep
         MODELS.clear()
+        if parent:
+            tracking.end_run(parent, "KILLED")
         raise
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
@@ -126,7 +131,12 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.parent is None:
             return
-        children = tracking.end_sweep_run(self.parent)
+        try:
+            children = tracking.end_sweep_run(self.parent)
+        except Exception as error:  # noqa: BLE001 - the store went away during the sweep
+            print(f"falcon-exp: error: could not close the sweep's run {self.parent} in {tracking.tracking_uri()}: "
+                  f"{tracking.one_line(error)}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOB_FAILED)
         tracking.print_summary(children)
         failed = [c for c in children if c.info.status != "FINISHED"]
         if failed:

@@ -8,6 +8,7 @@ tokenizer or tracking run exists.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,12 +222,15 @@ class JobConfig:
     max_memory: dict | None = None
     experiment: str = "falcon-exp"
     setting: str = "custom"
+    resume: bool = False
     flat: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _positive_int("seed", self.seed, minimum=0)
+        if not isinstance(self.resume, bool):
+            raise ConfigError(f"resume={self.resume!r} is not allowed; choose true or false")
 
     @classmethod
     def from_hydra(cls, cfg: Any) -> JobConfig:
@@ -261,8 +265,15 @@ class JobConfig:
             max_memory=raw.get("max_memory"),
             experiment=(raw.get("tracking") or {}).get("experiment", "falcon-exp"),
             setting=str(raw.get("setting", "custom")),
+            resume=raw.get("resume", False),
             flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
         )
+
+    @property
+    def identity(self) -> str:
+        """A hash of everything that shapes the measurement (the config, the prompts' text), for resume."""
+        content = {k: v for k, v in self.flat.items() if k != "resume"} | {"prompts.items": list(self.prompts.items)}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     @property
     def mode(self) -> str:

@@ -25,6 +25,11 @@ from falcon_exp.measure import summarize
 from falcon_exp.runner import JobResult
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+# A tracking server that goes away should fail a job in seconds, not after MLflow's default
+# minutes of retries; a user's own settings win.
+for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_key, _value)
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TIMING_METRICS = ("generate_s", "ttft_ms", "decode_ms_per_token", "tokens_per_s")
 TOKEN_METRICS = ("prompt_tokens", "new_tokens")
@@ -99,7 +104,7 @@ def job_run(
     from mlflow.entities import Param, RunTag
 
     client = _client()
-    run_tags = dict(tags)
+    run_tags = dict(tags) | {"falcon_exp.config_hash": job.identity}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(job.experiment), run_name=name, tags=run_tags)
@@ -123,6 +128,20 @@ def job_run(
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def finished_run(job: JobConfig) -> str | None:
+    """The id of a FINISHED run of exactly this configuration, if the store has one."""
+    found = _client().search_runs(
+        [experiment_id(job.experiment)],
+        filter_string=f"tags.falcon_exp.config_hash = '{job.identity}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+def end_run(run_id: str, status: str) -> None:
+    _client().set_terminated(run_id, status)
 
 
 def _param_value(value: Any) -> str:

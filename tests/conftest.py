@@ -36,6 +36,34 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "falco
     )
 
 
+def start_mlflow_server(root: Path, port: int | None = None):
+    """A real `mlflow server` on loopback with a SQLite backend; returns (process, uri)."""
+    import socket
+    import time
+    import urllib.request
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            return process, uri
+        except OSError:
+            assert process.poll() is None, (root / "server.log").read_text()[-2000:]
+            time.sleep(1)
+    process.kill()
+    raise AssertionError("mlflow server did not answer within 120 s")
+
+
 def runs_of(uri: str, experiment: str = "falcon-exp"):
     """All runs of an experiment, oldest first."""
     from mlflow import MlflowClient
