@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import QUICK, REPO, run_cli, runs_of
 
 
@@ -76,9 +78,10 @@ def test_readme_names_the_commands_it_promises():
         assert command in readme
 
 
-def test_joblib_launcher_runs_jobs_side_by_side_into_one_store(tmp_path, store, two_prompts):
-    done = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "bits=4,8", *QUICK,
-                   f"prompts.file={two_prompts}", cwd=tmp_path)
+@pytest.mark.parametrize("launcher", [("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), ("hydra/launcher=submitit_local",)])
+def test_parallel_and_cluster_launchers_log_every_job_into_one_store(tmp_path, store, two_prompts, launcher):
+    """joblib runs jobs side by side; submitit's local executor stands in for SLURM."""
+    done = run_cli("-m", *launcher, "bits=4,8", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs, _ = runs_of(store)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
