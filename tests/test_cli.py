@@ -66,10 +66,11 @@ def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path):
     assert not (tmp_path / "never.db").exists()
 
 
-def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
-    done = run_cli("model=tiny-falcon", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, timeout=60)
+@pytest.mark.parametrize("uri, says", [("http://127.0.0.1:9", "is unreachable"), ("sqlite:////proc/falcon-exp/mlflow.db", "cannot be created")])
+def test_an_unusable_tracking_store_fails_fast_naming_it(tmp_path, uri, says):
+    done = run_cli("model=tiny-falcon", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=60)
     assert done.returncode == 2
-    assert "http://127.0.0.1:9" in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+    assert uri in done.stderr.splitlines()[-1] and says in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
 
 
 def test_readme_names_the_commands_it_promises():
