@@ -85,7 +85,7 @@ def run_job(cfg: DictConfig) -> str:
     try:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
             result = runner.run(job, prepared)
-            tracking.log_result(run_id, job, result, reused=result.load_s is None)
+            tracking.log_result(run_id, job, result)
     except KeyboardInterrupt:  # the job's run is KILLED already; so is its sweep
         MODELS.clear()
         if parent:

@@ -148,7 +148,7 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def log_result(run_id: str, job: JobConfig, result: JobResult, reused: bool) -> None:
+def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
     """Metrics, tags and generated texts of a finished job."""
     from mlflow.entities import Metric, RunTag
 
@@ -159,8 +159,8 @@ def log_result(run_id: str, job: JobConfig, result: JobResult, reused: bool) -> 
     columns = {f"time/{n}": [getattr(s.timing, n) for s in result.samples] for n in TIMING_METRICS}
     columns |= {f"tokens/{n}": [getattr(s.timing, n) for s in result.samples] for n in TOKEN_METRICS}
     columns |= {f"memory/{k}": [s.memory[k] for s in result.samples] for k in result.samples[0].memory}
+    steps = [sample.prompt_index * reps + sample.repetition for sample in result.samples]
     for key, values in columns.items():
-        steps = [sample.prompt_index * reps + sample.repetition for sample in result.samples]
         metrics += [Metric(f"sample/{key}", float(v), now, step) for v, step in zip(values, steps)]
         if key.startswith("tokens/"):
             metrics.append(Metric(f"{key}_total", float(sum(values)), now, 0))
@@ -179,7 +179,7 @@ def log_result(run_id: str, job: JobConfig, result: JobResult, reused: bool) -> 
         metrics.append(Metric("time/load_s", result.load_s, now, 0))
     metrics += [Metric(k, float(v), now, 0) for k, v in result.quality.items()]
     tags = {
-        "falcon_exp.model_reused": str(reused).lower(),
+        "falcon_exp.model_reused": str(result.load_s is None).lower(),
         "falcon_exp.quantization_realised": result.report.realised,
         "falcon_exp.device": result.device,
     }

@@ -52,16 +52,11 @@ def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
 
 
-def _sample_peak(samples: pd.DataFrame) -> pd.Series:
-    gpu = samples.get("sample/memory/peak_allocated_gb", pd.Series(float("nan"), index=samples.index))
-    return gpu.fillna(samples["sample/memory/peak_rss_gb"])
-
-
 def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
     """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
     mode (the median), error bars spanning the repetitions (min to max)."""
     data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
-    data = data.assign(**{"peak GB": _sample_peak(data), "prompt": data["prompt_index"] + 1})
+    data = data.assign(**{"peak GB": peak_memory(data, "sample/memory/"), "prompt": data["prompt_index"] + 1})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
     for axis, column, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], "sample/time/generate_s", "generate s (per prompt)")):

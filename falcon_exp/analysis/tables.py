@@ -32,10 +32,11 @@ KEYS = ("model.name", "mode", "setting", "bits", "prompts.name", "max_length", "
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
 
-def peak_memory(runs: pd.DataFrame) -> pd.Series:
-    """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS."""
-    gpu = runs["memory/peak_allocated_gb"] if "memory/peak_allocated_gb" in runs else pd.Series(float("nan"), index=runs.index)
-    return gpu.fillna(runs["memory/peak_rss_gb"])
+def peak_memory(frame: pd.DataFrame, prefix: str = "memory/") -> pd.Series:
+    """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS;
+    of runs (`memory/...`) or of samples (`sample/memory/...`)."""
+    gpu = frame.get(f"{prefix}peak_allocated_gb", pd.Series(float("nan"), index=frame.index))
+    return gpu.fillna(frame[f"{prefix}peak_rss_gb"])
 
 
 def varying(runs: pd.DataFrame) -> list[str]:
