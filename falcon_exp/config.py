@@ -64,6 +64,26 @@ def check_group_overrides(arguments: list[str]) -> None:
                 raise ConfigError(f"{key}={choice!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
+# Keys that decide which weights load; a sweep varies them slowest so that each model loads once.
+LOAD_SHAPING = ("model", "experiment", "bits", "quantization", "dtype", "device", "max_memory", "seed")
+
+
+def load_order(arguments: list[str]) -> list[str]:
+    """Command-line overrides with the load-shaping ones first (otherwise in the order given).
+
+    Hydra's sweeper varies the first override slowest, so `-m max_length=40,48 bits=4,8` would
+    reload the model for every job; after this, jobs that share weights run back to back and
+    the process's model cache (models.MODELS) loads each model once. Reordering overrides of
+    different keys changes no job's configuration."""
+
+    slots = [i for i, a in enumerate(arguments) if "=" in a and not a.startswith("-")]  # flags stay put
+    overrides = sorted((arguments[i] for i in slots), key=lambda a: a.lstrip("+~").split("=")[0].split(".")[0] not in LOAD_SHAPING)
+    ordered = list(arguments)
+    for slot, override in zip(slots, overrides):
+        ordered[slot] = override
+    return ordered
+
+
 def available_architectures() -> list[str]:
     return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
 

@@ -118,3 +118,18 @@ def test_a_failing_job_is_logged_failed_and_the_sweep_goes_on(tmp_path, store, t
     assert children["good"].info.status == "FINISHED" and children["good"].data.params["model.weights"] == "hub"
     assert children["bad"].info.status == "FAILED" and children["bad"].data.tags["falcon_exp.error"]
     assert "error.txt" in {a.path for a in client.list_artifacts(children["bad"].info.run_id)}
+
+
+@pytest.mark.parametrize("order", ["bits first", "max_length first"])
+def test_each_model_loads_once_per_sweep_whatever_the_command_line_order(tmp_path, store, two_prompts, order):
+    sweeps = ["bits=4,8", "max_length=40,48,56"]
+    if order == "max_length first":
+        sweeps.reverse()
+    done = run_cli("-m", *sweeps, "model=tiny-falcon", "repetitions=1", "warmup=0", f"prompts.file={two_prompts}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    children = [r for r in runs_of(store)[0] if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    loaded = [c for c in children if c.data.tags["falcon_exp.model_reused"] == "false"]
+    assert sorted(c.data.params["bits"] for c in loaded) == ["4", "8"]
+    assert all("time/load_s" in c.data.metrics for c in loaded)
+    assert not any("time/load_s" in c.data.metrics for c in children if c not in loaded)

@@ -95,3 +95,13 @@ def test_a_model_path_replaces_the_packaged_default(tmp_path):
 
 def test_flatten_makes_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": []}) == {"a.b": 1, "a.c.d": None, "e": []}
+
+
+def test_load_order_puts_the_keys_that_shape_weights_first_and_keeps_the_rest_in_order():
+    from falcon_exp.config import load_order
+
+    given = ["-m", "max_length=40,48", "prompts=seed_zh", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon"]
+    assert load_order(given) == [
+        "-m", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon", "max_length=40,48", "prompts=seed_zh"
+    ]
+    assert load_order(["--cfg", "job", "max_length=9", "seed=1"]) == ["--cfg", "job", "seed=1", "max_length=9"]
