@@ -197,6 +197,7 @@ class GenerationConfig:
     force_length: bool
     repetitions: int
     warmup: int
+    fast: bool = False  # static KV cache and CUDA graphs (falcon_exp/decode.py)
 
     def __post_init__(self) -> None:
         _positive_int("max_length", self.max_length, minimum=2, optional=True)
@@ -208,6 +209,8 @@ class GenerationConfig:
             )
         _positive_int("repetitions", self.repetitions)
         _positive_int("warmup", self.warmup, minimum=0)
+        if not isinstance(self.fast, bool):
+            raise ConfigError(f"generation.fast={self.fast!r} is not allowed; choose true or false")
 
     def new_tokens(self, prompt_tokens: int) -> int:
         """How many tokens to generate after a prompt of this length."""
@@ -277,6 +280,7 @@ class JobConfig:
                 force_length=bool(raw.get("force_length", True)),
                 repetitions=raw.get("repetitions", 1),
                 warmup=raw.get("warmup", 1),
+                fast=(raw.get("generation") or {}).get("fast", False),
             ),
             quality=QualityConfig(**(raw.get("quality") or {})),
             seed=raw.get("seed", 0),

@@ -1,8 +1,8 @@
-"""Timers and memory probes around one `generate` call. Returns plain data; knows nothing of MLflow.
+"""Timers and memory probes around one generation. Returns plain data; knows nothing of MLflow.
 
-Timing: the clock starts after tokenisation, with the device synchronised; a streamer stamps each
-new token inside generate (generate hands it the token already copied to the host, so the stamp
-follows the device's work); the clock stops after a final synchronisation.
+Timing: a clock marks the start (device synchronised first), each new token the moment the
+decoder has it (falcon_exp.decode calls back from inside generation), and the end. On a GPU the
+marks are CUDA events on the device's timeline; on the CPU, perf_counter readings.
 Memory: the allocator's peaks per CUDA device (allocated and reserved), the driver's view of each
 device, and the process's peak resident memory on the host, all reset before the timed work.
 """
@@ -17,26 +17,31 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 GB = 1e9
 
 
-class TokenClock(BaseStreamer):
-    """Stamps the moment each generated token reaches the host."""
+class Clock:
+    """Marks on the device's timeline: CUDA events on a GPU, perf_counter readings on the CPU."""
 
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-        self._prompt_seen = False
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.marks: list = []
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate first hands over the prompt itself
-            self._prompt_seen = True
-            return
-        self.stamps.append(time.perf_counter())
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
 
-    def end(self) -> None:
-        pass
+    def seconds(self) -> list[float]:
+        """Each mark's time since the first (waits for the device to pass the last mark)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(m) / 1e3 for m in self.marks]
+        return [m - self.marks[0] for m in self.marks]
 
 
 @dataclass(frozen=True)
@@ -54,34 +59,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str, pad_token_id: int):
-    """One greedy generation, timed. Returns (Timing, generated token ids)."""
-    clock = TokenClock()
+def timed_generate(decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str):
+    """One greedy generation by a falcon_exp.decode decoder, timed. Returns (Timing, token ids)."""
+    clock = Clock(device)
     synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens if force_length else None,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=pad_token_id,
-        )
-    synchronize(device)
-    generate_s = time.perf_counter() - start
-    generated = output[0, input_ids.shape[1] :].tolist()
-    stamps = clock.stamps
-    ttft_s = stamps[0] - start
+    clock.mark()
+    generated = decoder.generate(input_ids, new_tokens, force_length, on_token=clock.mark)
+    clock.mark()
+    start, *stamps, end = clock.seconds()
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     timing = Timing(
         prompt_tokens=int(input_ids.shape[1]),
         new_tokens=len(generated),
-        generate_s=generate_s,
-        ttft_ms=ttft_s * 1e3,
+        generate_s=end,
+        ttft_ms=stamps[0] * 1e3,
         decode_ms_per_token=decode * 1e3,
-        tokens_per_s=len(generated) / generate_s,
+        tokens_per_s=len(generated) / end,
     )
     return timing, generated
 

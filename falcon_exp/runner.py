@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from falcon_exp import quality
+from falcon_exp import quality, roofline
+from falcon_exp.decode import decoder_for
 from falcon_exp.config import ConfigError, JobConfig
 from falcon_exp.measure import MemoryProbe, Timing, timed_generate
-from falcon_exp.models import MODELS, load_tokenizer, say
+from falcon_exp.models import MODELS, load_tokenizer, resolve_device, say
 from falcon_exp.quantization import QuantizationReport
 
 
@@ -31,6 +32,7 @@ class Sample:
     output: str
     timing: Timing
     memory: dict[str, float]  # peaks during this generation alone
+    roofline_fraction: float  # the bandwidth floor per token over the measured decode time
 
 
 @dataclass
@@ -41,6 +43,9 @@ class JobResult:
     load_s: float | None  # None when the model was reused from an earlier job
     device: str
     quality: dict[str, float]  # empty when quality.enabled is false
+    decode_path: str  # eager, cuda_graph or static_cache (falcon_exp/decode.py)
+    fast_fallback: str | None  # why the fast path runs without CUDA graphs
+    roofline: dict[str, float]  # the floor's inputs: copy bandwidth, bytes per step
 
 
 def encode(tokenizer, prompt: str, chat_template: bool) -> torch.Tensor:
@@ -69,17 +74,22 @@ def prepare(job: JobConfig) -> Prepared:
 
 def run(job: JobConfig, prepared: Prepared) -> JobResult:
     reused = MODELS.holds(job)
+    bandwidth = roofline.copy_bandwidth(resolve_device(job.device))  # before the weights take the memory
     # the reference first: it may load the unquantized model, which must not evict this job's
     reference = quality.reference(job, prepared) if job.quality.enabled else None
     loaded = MODELS.get(job)
     device, model, tokenizer = loaded.device, loaded.model, prepared.tokenizer
     first_device = next(model.parameters()).device
     inputs = [ids.to(first_device) for ids in prepared.input_ids]
+    longest = max(ids.shape[1] + n for ids, n in zip(inputs, prepared.new_tokens))
+    decoder = decoder_for(model, job.generation.fast, longest, job.quantization, device, prepared.pad_token_id)
+    if decoder.fallback:
+        say(f"fast path without CUDA graphs: {decoder.fallback}")
+    weights_step = roofline.weight_bytes_per_step(model)
+    kv_per_token = roofline.kv_bytes_per_token(model, inputs[0])
 
     def generate(index: int) -> tuple[Timing, list[int]]:
-        return timed_generate(
-            model, inputs[index], prepared.new_tokens[index], job.generation.force_length, device, prepared.pad_token_id
-        )
+        return timed_generate(decoder, inputs[index], prepared.new_tokens[index], job.generation.force_length, device)
 
     torch.manual_seed(job.seed)
     for _ in range(job.generation.warmup):
@@ -95,10 +105,13 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
             memory = probe.read()
             generated_by_prompt.setdefault(index, generated)
             output = tokenizer.decode(generated, skip_special_tokens=True)
-            samples.append(Sample(index, repetition, job.prompts.items[index], output, timing, memory))
+            step = roofline.step_bytes(weights_step, kv_per_token, timing.prompt_tokens, timing.new_tokens)
+            fraction = roofline.fraction(step, bandwidth, timing.decode_ms_per_token)
+            samples.append(Sample(index, repetition, job.prompts.items[index], output, timing, memory, fraction))
             say(
                 f"prompt {index + 1}/{count} rep {repetition + 1}/{job.generation.repetitions}: "
-                f"{timing.new_tokens} tokens in {timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token)"
+                f"{timing.new_tokens} tokens in {timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token, "
+                f"{fraction:.2f} of the bandwidth floor)"
             )
     samples.sort(key=lambda s: (s.prompt_index, s.repetition))
     peaks = {key: max(s.memory[key] for s in samples) for key in samples[0].memory}
@@ -106,4 +119,10 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
     if reference is not None:
         outputs = [generated_by_prompt[i] for i in range(count)]
         scores = quality.measure(model, job, prepared, reference, outputs)
-    return JobResult(samples, peaks, loaded.report, None if reused else loaded.load_s, device, scores)
+    figures = {
+        "roofline/copy_bandwidth_gbs": bandwidth / 1e9,
+        "roofline/weight_bytes_per_step_gb": weights_step / 1e9,
+        "roofline/kv_bytes_per_token": float(kv_per_token),
+    }
+    load_s = None if reused else loaded.load_s
+    return JobResult(samples, peaks, loaded.report, load_s, device, scores, decoder.path, decoder.fallback, figures)

@@ -2,8 +2,8 @@
 
 A sweep (`-m`) is a parent run with one child run per Hydra job; a single job is a plain run.
 Params are the flattened config; metrics are grouped by prefix (time/, memory/, tokens/,
-quality/) with their unit in the name; aggregates carry the median under the plain name and
-the spread under `.p25`, `.p75`, `.std`, `.mean`, `.min`, `.max`; each sample (prompt x
+quality/, roofline/) with their unit in the name, beside `roofline_fraction`; aggregates carry
+the median under the plain name and the spread under `.p25`, `.p75`, `.std`, `.mean`, `.min`, `.max`; each sample (prompt x
 repetition) is logged under `sample/<name>` at step `prompt_index * repetitions + repetition`.
 """
 
@@ -159,12 +159,13 @@ def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
     columns = {f"time/{n}": [getattr(s.timing, n) for s in result.samples] for n in TIMING_METRICS}
     columns |= {f"tokens/{n}": [getattr(s.timing, n) for s in result.samples] for n in TOKEN_METRICS}
     columns |= {f"memory/{k}": [s.memory[k] for s in result.samples] for k in result.samples[0].memory}
+    columns["roofline_fraction"] = [s.roofline_fraction for s in result.samples]
     steps = [sample.prompt_index * reps + sample.repetition for sample in result.samples]
     for key, values in columns.items():
         metrics += [Metric(f"sample/{key}", float(v), now, step) for v, step in zip(values, steps)]
         if key.startswith("tokens/"):
             metrics.append(Metric(f"{key}_total", float(sum(values)), now, 0))
-        elif key.startswith("time/"):  # memory's run-level figures are peaks, logged below
+        elif not key.startswith("memory/"):  # memory's run-level figures are peaks, logged below
             stats = summarize([float(v) for v in values])
             if stats:
                 metrics.append(Metric(key, stats["median"], now, 0))
@@ -177,12 +178,15 @@ def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
     ]
     if result.load_s is not None:
         metrics.append(Metric("time/load_s", result.load_s, now, 0))
-    metrics += [Metric(k, float(v), now, 0) for k, v in result.quality.items()]
+    metrics += [Metric(k, float(v), now, 0) for k, v in (result.quality | result.roofline).items()]
     tags = {
+        "falcon_exp.decode_path": result.decode_path,
         "falcon_exp.model_reused": str(result.load_s is None).lower(),
         "falcon_exp.quantization_realised": result.report.realised,
         "falcon_exp.device": result.device,
     }
+    if result.fast_fallback:
+        tags["falcon_exp.fast_fallback"] = result.fast_fallback
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from falcon_exp.decode import EagerDecoder
 from falcon_exp.measure import MemoryProbe, summarize, timed_generate
 from falcon_exp.quantization import quantizable_linears
 
@@ -27,7 +28,7 @@ def tiny_model():
 
 def test_forced_length_generates_exactly_the_asked_tokens_and_times_them(tiny_model):
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    timing, generated = timed_generate(tiny_model, prompt, new_tokens=12, force_length=True, device="cpu", pad_token_id=2)
+    timing, generated = timed_generate(EagerDecoder(tiny_model, 2), prompt, new_tokens=12, force_length=True, device="cpu")
     assert timing.prompt_tokens == 5 and timing.new_tokens == 12 == len(generated)
     assert 0 < timing.ttft_ms < timing.generate_s * 1e3
     # first token, then 11 decode steps: their sum cannot exceed the whole call
@@ -37,12 +38,12 @@ def test_forced_length_generates_exactly_the_asked_tokens_and_times_them(tiny_mo
 
 def test_greedy_generation_is_deterministic(tiny_model):
     prompt = torch.tensor([[11, 12, 13]])
-    runs = [timed_generate(tiny_model, prompt, 8, True, "cpu", 2)[1] for _ in range(2)]
+    runs = [timed_generate(EagerDecoder(tiny_model, 2), prompt, 8, True, "cpu")[1] for _ in range(2)]
     assert runs[0] == runs[1]
 
 
 def test_one_new_token_has_no_decode_time(tiny_model):
-    timing, _ = timed_generate(tiny_model, torch.tensor([[3, 4]]), 1, True, "cpu", 2)
+    timing, _ = timed_generate(EagerDecoder(tiny_model, 2), torch.tensor([[3, 4]]), 1, True, "cpu")
     assert timing.new_tokens == 1 and math.isnan(timing.decode_ms_per_token)
 
 

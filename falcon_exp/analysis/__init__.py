@@ -19,6 +19,10 @@ def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | No
     flat = out / "results.csv"
     tables.results(loaded.runs).to_csv(flat, index=False, float_format="%.10g", lineterminator="\n")
     written.append(flat)
+    if "roofline_fraction" in loaded.runs:
+        decode = out / "roofline.csv"
+        tables.roofline(loaded.runs).to_csv(decode, index=False, float_format="%.10g", lineterminator="\n")
+        written.append(decode)
     tidy = out / "runs_by_prompt.csv"
     columns = [c for c in loaded.tidy.columns if c != "start_time"]
     loaded.tidy[columns].to_csv(tidy, index=False, float_format="%.10g", lineterminator="\n")

@@ -27,7 +27,7 @@ QUALITY = (
 SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
 RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
 # Config keys that identify a configuration when a sweep varies them.
-KEYS = ("model.name", "mode", "setting", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
+KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
         "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
@@ -142,6 +142,8 @@ RESULT_COLUMNS = {
     "time/generate_s": "generate_s",
     "tokens/new_tokens_total": "new_tokens_total",
     "time/load_s": "load_s",
+    "generation.fast": "fast",
+    "roofline_fraction": "roofline_fraction",
     "quality/kl_mean": "kl_mean",
     "quality/top1_agreement": "top1_agreement",
     "quality/perplexity_en": "perplexity_en",
@@ -155,3 +157,27 @@ def results(runs: pd.DataFrame) -> pd.DataFrame:
     runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
     present = {k: v for k, v in RESULT_COLUMNS.items() if k in runs}
     return runs[list(present)].rename(columns=present).reset_index(drop=True)
+
+
+def roofline(runs: pd.DataFrame) -> pd.DataFrame:
+    """Eager against fast decoding, one row per run: `mode` is eager or fast here, `quant` the
+    weights' mode; the floor's inputs and the path the fast decoder took beside them."""
+    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    fast = runs.get("generation.fast", pd.Series(False, index=runs.index)).astype(str).str.lower() == "true"
+    table = pd.DataFrame({
+        "device": runs.get("device.name", runs.get("falcon_exp.device")),
+        "model": runs["model.name"],
+        "bits": runs["bits"],
+        "mode": fast.map({True: "fast", False: "eager"}),
+        "ms_per_token": runs["time/decode_ms_per_token"],
+        "roofline_fraction": runs["roofline_fraction"],
+        "peak_memory_gb": runs["memory/peak_gb"],
+        "quant": runs["mode"],
+        "floor_ms_per_token": runs["time/decode_ms_per_token"] * runs["roofline_fraction"],
+        "copy_bandwidth_gbs": runs["roofline/copy_bandwidth_gbs"],
+        "weight_bytes_per_step_gb": runs["roofline/weight_bytes_per_step_gb"],
+        "decode_path": runs.get("falcon_exp.decode_path", "eager"),
+        "fallback": runs.get("falcon_exp.fast_fallback", pd.Series("", index=runs.index)).fillna(""),
+        "run_id": runs["run_id"],
+    })
+    return table.reset_index(drop=True)

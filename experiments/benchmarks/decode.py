@@ -1,0 +1,129 @@
+"""What the harness's timers cost and how far decoding is from the bandwidth floor.
+
+Prints three tables for one model: (1) the harness's timed generate against a bare `generate`
+timed the same way (device synchronised, CUDA events on a GPU, perf_counter on the CPU),
+interleaved rounds; (2) the harness's figures against torch's profiler on the same generate;
+(3) eager against the fast path (static cache and CUDA graphs): ms/token, the fraction of the
+bandwidth floor, and whether the tokens are the same.
+
+    python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
+        [--weights packaged|synthetic] [--tokens 64] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from falcon_exp import roofline
+from falcon_exp.config import CONF_DIR, JobConfig
+from falcon_exp.decode import EagerDecoder, decoder_for
+from falcon_exp.measure import Clock, synchronize, timed_generate
+from falcon_exp.models import MODELS
+from falcon_exp.runner import prepare
+
+
+def bare_generate(model, input_ids, tokens: int, device: str, pad: int) -> float:
+    """Seconds for a plain generate call, timed as the harness times (its own clock, no streamer)."""
+    clock = Clock(device)
+    synchronize(device)
+    clock.mark()
+    with torch.inference_mode():
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+    clock.mark()
+    return clock.seconds()[-1]
+
+
+def overhead(model, ids, tokens, device, pad, rounds) -> None:
+    eager = EagerDecoder(model, pad)
+    harness = lambda: timed_generate(eager, ids, tokens, True, device)[0].generate_s  # noqa: E731
+    bare = lambda: bare_generate(model, ids, tokens, device, pad)  # noqa: E731
+    harness(), bare()  # warm-up, untimed
+    timed = {"harness": [], "bare": []}
+    for _ in range(rounds):  # interleaved, so drift hits both alike
+        timed["harness"].append(harness())
+        timed["bare"].append(bare())
+    h, b = statistics.median(timed["harness"]), statistics.median(timed["bare"])
+    print(f"  bare generate    median {b * 1e3:9.2f} ms  (min {min(timed['bare']) * 1e3:.2f})")
+    print(f"  harness generate median {h * 1e3:9.2f} ms  (min {min(timed['harness']) * 1e3:.2f})")
+    print(f"  overhead {100 * (h - b) / b:+.2f}% of the bare call (medians of {rounds} interleaved rounds)")
+
+
+def against_profiler(decoder, ids, tokens, device) -> None:
+    """The harness's generate_s and ms/token beside the profiler's view of the same call: on a
+    GPU the span from the first kernel's start to the last kernel's end, on the CPU the span of
+    the model's forward calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        timing, _ = timed_generate(decoder, ids, tokens, True, device)
+    events = prof.events()
+    if device == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        begin = min(e.time_range.start for e in kernels)
+        end = max(e.time_range.end for e in kernels)
+        what = f"{len(kernels)} GPU kernels, first start to last end"
+    else:
+        spans = [e for e in events if e.name.endswith("forward") or e.name == "aten::linear"]
+        begin, end = min(e.time_range.start for e in spans), max(e.time_range.end for e in spans)
+        what = "CPU ops, first linear to last"
+    profiled_ms = (end - begin) / 1e3
+    print(f"  {decoder.path}: harness generate_s {timing.generate_s * 1e3:.2f} ms, profiler {profiled_ms:.2f} ms "
+          f"({what}): harness/profiler {timing.generate_s * 1e3 / profiled_ms:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--weights", default=None, help="synthetic for Falcon without the hub")
+    parser.add_argument("--bits", type=int, nargs="+", default=[16])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    for bits in args.bits:
+        overrides = [f"model={args.model}", f"bits={bits}", "max_length=null", f"max_new_tokens={args.tokens}",
+                     "quality.enabled=false"] + ([f"model.weights={args.weights}"] if args.weights else [])
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            job = JobConfig.from_hydra(compose("config", overrides=overrides))
+        prepared = prepare(job)
+        loaded = MODELS.get(job)
+        model, device, pad = loaded.model, loaded.device, prepared.pad_token_id
+        ids = prepared.input_ids[0].to(next(model.parameters()).device)
+        name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+        print(f"\n== {args.model} {job.mode} on {name}, prompt {ids.shape[1]} tokens, {args.tokens} new tokens ==")
+        print("(1) the harness's overhead")
+        overhead(model, ids, args.tokens, device, pad, args.rounds)
+        bandwidth = roofline.copy_bandwidth(device)
+        step = roofline.step_bytes(roofline.weight_bytes_per_step(model), roofline.kv_bytes_per_token(model, ids),
+                                   ids.shape[1], args.tokens)
+        decoders = {fast: decoder_for(model, fast, ids.shape[1] + args.tokens, job.quantization, device, pad)
+                    for fast in (False, True)}
+        print("(2) against torch's profiler")
+        for decoder in decoders.values():
+            against_profiler(decoder, ids, args.tokens, device)
+        print(f"(3) eager and fast; floor {step / bandwidth * 1e3:.2f} ms/token "
+              f"({step / 1e9:.3f} GB per step at {bandwidth / 1e9:.0f} GB/s)")
+        results = {}
+        for fast, decoder in decoders.items():
+            timed_generate(decoder, ids, args.tokens, True, device)  # warm-up
+            runs = [timed_generate(decoder, ids, args.tokens, True, device) for _ in range(args.rounds)]
+            ms = statistics.median(t.decode_ms_per_token for t, _ in runs)
+            results[fast] = (ms, runs[0][1])
+            print(f"  {decoder.path:<13} {ms:8.2f} ms/token  roofline_fraction {roofline.fraction(step, bandwidth, ms):.3f}"
+                  + (f"  (fallback: {decoder.fallback})" if decoder.fallback else ""))
+        eager_tokens, fast_tokens = results[False][1], results[True][1]
+        same = sum(a == b for a, b in zip(eager_tokens, fast_tokens))
+        first = next((i for i, (a, b) in enumerate(zip(eager_tokens, fast_tokens)) if a != b), None)
+        print(f"  speed-up {results[False][0] / results[True][0]:.2f}x; tokens equal: {same}/{len(eager_tokens)}"
+              + (f" (first difference at token {first})" if first is not None else ""))
+        del decoders
+        MODELS.clear()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Greedy decoding two ways, each calling `on_token()` the moment a token exists.
+
+eager: transformers' `generate` with its dynamic cache, as a user would call it.
+fast (`generation.fast=true`): a static KV cache (fixed addresses, no reallocation as the text
+grows) and the one-token forward captured once as a CUDA graph and replayed per token, so a
+decode step costs the GPU's kernels, not Python's launches of them. Where a graph cannot be
+captured (no CUDA device, a model over several GPUs, LLM.int8's host-side outlier search, or a
+capture error) it decodes with the static cache alone and says why in `fallback`.
+Both pick the same tokens as `generate(do_sample=False)`, end-of-sequence suppressed when the
+length is forced (as `min_new_tokens` does).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from falcon_exp.config import QuantizationConfig
+
+
+class _Streamer(BaseStreamer):
+    def __init__(self, on_token: Callable[[], None]) -> None:
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:  # generate first hands over the prompt itself
+            self.on_token()
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+class EagerDecoder:
+    path = "eager"
+    fallback = None
+
+    def __init__(self, model, pad_token_id: int) -> None:
+        self.model, self.pad_token_id = model, pad_token_id
+
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens if force_length else None,
+                do_sample=False,
+                streamer=_Streamer(on_token),
+                pad_token_id=self.pad_token_id,
+            )
+        return output[0, input_ids.shape[1] :].tolist()
+
+
+class FastDecoder:
+    """Static KV cache sized for the longest generation; one CUDA graph per decoder."""
+
+    def __init__(self, model, max_tokens: int, quantization: QuantizationConfig, device: str) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+        head = model.get_output_embeddings().weight
+        self.eos = _eos_ids(model)
+        self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
+        self.graph = None
+        self.fallback = self._why_no_graph(quantization, device) or self._capture()
+        self.path = "cuda_graph" if self.graph is not None else "static_cache"
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits, as float32 with suppressed tokens at -inf (generate's order)."""
+        output = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        return output.logits[:, -1, :].float() + self.suppress
+
+    def _step(self) -> None:
+        """The decode step: read the last token from its buffer, write the next one there."""
+        self.token.copy_(self._forward(self.token).argmax(-1, keepdim=True).to(self.token.device))
+
+    def _why_no_graph(self, quantization: QuantizationConfig, device: str) -> str | None:
+        if device != "cuda":
+            return f"CUDA graphs need a CUDA device (device={device})"
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) > 1:
+            return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
+        if quantization.bits == 8 and quantization.int8_threshold > 0:
+            return (
+                f"LLM.int8 with int8_threshold={quantization.int8_threshold} looks for outlier columns on the host "
+                "at every matmul (a device-to-host sync), which a CUDA graph cannot hold; int8_threshold=0 avoids it"
+            )
+        return None
+
+    def _capture(self) -> str | None:
+        """Warm up on a side stream (cuBLAS and the cache allocate there), then capture one step."""
+        try:
+            with torch.no_grad():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._step()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step()
+            self.graph = graph
+            return None
+        except RuntimeError as error:
+            torch.cuda.synchronize()
+            return f"CUDA graph capture failed: {str(error).strip().splitlines()[0][:200]}"
+        finally:
+            self.cache.reset()
+
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
+        self.suppress[self.eos] = float("-inf") if force_length else 0.0
+        generated: list[int] = []
+        with torch.no_grad():
+            self.cache.reset()
+            self.token.copy_(self._forward(input_ids).argmax(-1, keepdim=True).to(self.token.device))  # prefill, eager
+            while True:
+                on_token()
+                generated.append(int(self.token))
+                if len(generated) == new_tokens or (not force_length and generated[-1] in self.eos):
+                    return generated
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step()
+
+
+def decoder_for(model, fast: bool, max_tokens: int, quantization: QuantizationConfig, device: str, pad_token_id: int):
+    """The eager decoder, or the fast one with room for `max_tokens` (prompt plus generated)."""
+    return FastDecoder(model, max_tokens, quantization, device) if fast else EagerDecoder(model, pad_token_id)
