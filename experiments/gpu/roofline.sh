@@ -5,13 +5,13 @@
 set -uo pipefail
 store=${STORE:-$PWD/mlruns}
 mkdir -p "$store"
-export MLFLOW_TRACKING_URI="sqlite:///$store/mlflow.db" HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+export PYTHONWARNINGS=ignore MLFLOW_TRACKING_URI="sqlite:///$store/mlflow.db" HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 sweep() {
   python -m falcon_exp -m tracking.experiment=falcon-roofline model.weights=synthetic quality.enabled=false \
     max_length=null max_new_tokens=64 generation.fast=false,true "$@"
 }
 case ${1:?say what to run} in
-  bench) python experiments/benchmarks/decode.py --model falcon-7b-instruct --weights synthetic --bits 16 4 8 --rounds 5 ;;
-  7b)    sweep model=falcon-7b-instruct bits=16,8,4 repetitions=2 warmup=1 ;;
+  bench) python experiments/benchmarks/decode.py --model falcon-7b-instruct --weights synthetic --bits 16 --rounds 5 ;;
+  7b)    sweep model=falcon-7b-instruct bits=16,4,8 repetitions=2 warmup=1 ;;
   40b)   sweep model=falcon-40b-instruct bits=4,8 repetitions=1 warmup=1 ;;
 esac
