@@ -46,6 +46,15 @@ class EagerDecoder:
     def __init__(self, model, pad_token_id: int) -> None:
         self.model, self.pad_token_id = model, pad_token_id
 
+    def _buffers_beside_weights(self) -> None:
+        """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph
+        cannot copy them in at every step, so they move to the weights' device once."""
+        device = next(self.model.parameters()).device
+        for module in self.model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
         with torch.inference_mode():
             output = self.model.generate(
@@ -101,6 +110,7 @@ class FastDecoder:
 
     def _capture(self) -> str | None:
         """Warm up on a side stream (cuBLAS and the cache allocate there), then capture one step."""
+        self._buffers_beside_weights()
         try:
             with torch.no_grad():
                 stream = torch.cuda.Stream()
@@ -119,6 +129,15 @@ class FastDecoder:
             return f"CUDA graph capture failed: {str(error).strip().splitlines()[0][:200]}"
         finally:
             self.cache.reset()
+
+    def _buffers_beside_weights(self) -> None:
+        """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph
+        cannot copy them in at every step, so they move to the weights' device once."""
+        device = next(self.model.parameters()).device
+        for module in self.model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
