@@ -12,11 +12,13 @@ length is forced (as `min_new_tokens` does).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from transformers.generation.streamers import BaseStreamer
+from transformers.models.falcon.modeling_falcon import FalconAttention
 
 from falcon_exp.config import QuantizationConfig
 
@@ -32,6 +34,35 @@ class _Streamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+def _split_heads_by_slices(self, fused_qkv: torch.Tensor):
+    """FalconAttention._split_heads with slices where it indexes with Python lists (`[-2]`): a
+    list index is a tensor built on the host at every call, a copy a CUDA graph cannot capture.
+    Same values (the list form copies, the slice form views)."""
+    batch, length, _ = fused_qkv.shape
+    if self.new_decoder_architecture:
+        qkv = fused_qkv.view(batch, length, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
+        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
+        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
+        return tuple(x.flatten(2, 3) for x in (query, key, value))
+    if self.multi_query:
+        fused_qkv = fused_qkv.view(batch, length, self.num_heads + 2, self.head_dim)
+        return fused_qkv[..., :-2, :], fused_qkv[..., -2:-1, :], fused_qkv[..., -1:, :]
+    return _LIST_INDEXED_SPLIT(self, fused_qkv)
+
+
+_LIST_INDEXED_SPLIT = FalconAttention._split_heads
+
+
+@contextlib.contextmanager
+def graph_safe_falcon() -> Iterator[None]:
+    """While a decode step is captured, Falcon splits its heads with slices."""
+    FalconAttention._split_heads = _split_heads_by_slices
+    try:
+        yield
+    finally:
+        FalconAttention._split_heads = _LIST_INDEXED_SPLIT
 
 
 def _eos_ids(model) -> list[int]:
@@ -112,7 +143,7 @@ class FastDecoder:
         """Warm up on a side stream (cuBLAS and the cache allocate there), then capture one step."""
         self._buffers_beside_weights()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), graph_safe_falcon():
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):

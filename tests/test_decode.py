@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from falcon_exp import roofline
 from falcon_exp.config import CONF_DIR, JobConfig
-from falcon_exp.decode import EagerDecoder, FastDecoder
+from falcon_exp.decode import EagerDecoder, FastDecoder, graph_safe_falcon
 from falcon_exp.measure import timed_generate
 from falcon_exp.models import _load
 
@@ -97,3 +97,47 @@ def test_copy_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert list(known.values()) == [first] and 1e8 < first < 1e13
     (tmp_path / "bandwidth.json").write_text(json.dumps({k: 123.0 for k in known}))
     assert roofline.copy_bandwidth("cpu") == 123.0  # read back, not measured again
+
+
+def _host_built_tensors(step) -> list[str]:
+    """Ops in `step` that make a tensor from host data or move one between devices: on a GPU,
+    each is a host-to-device copy, which CUDA graph capture refuses."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "lift_fresh" in str(func) or (kwargs or {}).get("device") is not None and "_to_copy" in str(func):
+                where = [f for f in traceback.extract_stack() if "transformers" in f.filename or "falcon_exp" in f.filename]
+                found.append(f"{func} at {where[-1].filename.split('/')[-1]}:{where[-1].lineno}")
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        step()
+    return found
+
+
+@pytest.mark.parametrize("architecture", ["falcon-7b", "falcon-40b"])
+def test_the_captured_decode_step_builds_no_tensor_on_the_host(architecture):
+    """A CPU stand-in for capture on a GPU: both Falcon layouts (multi-query 7B, grouped 40B),
+    shrunk; their list-indexed head split is the copy that made capture fail on an H200."""
+    from transformers.models.falcon.modeling_falcon import FalconForCausalLM
+
+    from falcon_exp.models import architecture_config
+    from falcon_exp.quantization import quantizable_linears
+
+    config = architecture_config(architecture)
+    config.hidden_size, config.num_hidden_layers, config.vocab_size = 64 * 8, 2, 512
+    config.num_attention_heads, config.num_kv_heads = 8, min(config.num_kv_heads, 2)
+    torch.manual_seed(0)
+    with quantizable_linears():
+        model = FalconForCausalLM(config).eval()
+    fast = FastDecoder(model, max_tokens=24, quantization=tiny_job("bits=16").quantization, device="cpu")
+    expected = EagerDecoder(model, pad_token_id=2).generate(torch.tensor([PROMPTS[0]]), 12, True, lambda: None)
+    assert fast.generate(torch.tensor([PROMPTS[0]]), 12, True, lambda: None) == expected
+    with graph_safe_falcon():
+        assert _host_built_tensors(fast._step) == []
+        assert fast.generate(torch.tensor([PROMPTS[0]]), 12, True, lambda: None) == expected
