@@ -221,7 +221,7 @@ class GenerationConfig:
 class QualityConfig:
     enabled: bool = True
     reference_tokens: int = 32  # forced greedy tokens of the reference after each prompt
-    eval_tokens: int | None = 256  # tokens of each evaluation text scored (null: all)
+    eval_tokens: int | None = 128  # tokens of each evaluation text scored (null: all)
     window: int = 256  # perplexity window, non-overlapping
 
     def __post_init__(self) -> None:

@@ -98,9 +98,11 @@ def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
         while state is not None:
             yield from (t for t in (state.absmax, state.code) if t is not None)
             state = state.state2 if state.nested else None
-        scb = getattr(weight, "SCB", None)  # 8-bit: one scale per output row
-        if scb is not None:
-            yield scb
+        # 8-bit: one scale per output row, on the weight until the first forward moves it to the layer's state
+        for holder in (weight, getattr(module, "state", None)):
+            scb = getattr(holder, "SCB", None)
+            if scb is not None:
+                yield scb
 
 
 def verify(model: torch.nn.Module, quant: QuantizationConfig) -> QuantizationReport:
