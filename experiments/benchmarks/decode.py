@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -44,13 +45,32 @@ def overhead(model, ids, tokens, device, pad, rounds) -> None:
     bare = lambda: bare_generate(model, ids, tokens, device, pad)  # noqa: E731
     harness(), bare()  # warm-up, untimed
     timed = {"harness": [], "bare": []}
-    for _ in range(rounds):  # interleaved, so drift hits both alike
-        timed["harness"].append(harness())
-        timed["bare"].append(bare())
+    for round_ in range(rounds):  # interleaved, in alternating order, so drift and order hit both alike
+        for name in ("harness", "bare") if round_ % 2 == 0 else ("bare", "harness"):
+            timed[name].append((harness if name == "harness" else bare)())
     h, b = statistics.median(timed["harness"]), statistics.median(timed["bare"])
+    paired = statistics.median(x / y - 1 for x, y in zip(timed["harness"], timed["bare"]))
     print(f"  bare generate    median {b * 1e3:9.2f} ms  (min {min(timed['bare']) * 1e3:.2f})")
     print(f"  harness generate median {h * 1e3:9.2f} ms  (min {min(timed['harness']) * 1e3:.2f})")
-    print(f"  overhead {100 * (h - b) / b:+.2f}% of the bare call (medians of {rounds} interleaved rounds)")
+    print(f"  overhead {100 * (h - b) / b:+.2f}% of the bare call (medians of {rounds} interleaved rounds); "
+          f"median of the rounds' own ratios {100 * paired:+.2f}%")
+    per_token = _callback_seconds(device, ids.device)
+    print(f"  the harness's own work per token (streamer and clock mark): {per_token * 1e6:.1f} us, "
+          f"{100 * per_token * tokens / b:.3f}% of the bare call")
+
+
+def _callback_seconds(device: str, where) -> float:
+    """What the harness adds inside generate, timed alone: the streamer's put and a clock mark."""
+    from falcon_exp.decode import _Streamer
+
+    clock = Clock(device)
+    streamer = _Streamer(clock.mark)
+    token = torch.zeros(1, dtype=torch.long, device=where).cpu()
+    count = 10_000
+    begin = time.perf_counter()
+    for _ in range(count):
+        streamer.put(token)
+    return (time.perf_counter() - begin) / count
 
 
 def against_profiler(decoder, ids, tokens, device) -> None:
