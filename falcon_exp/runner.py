@@ -14,6 +14,9 @@ from falcon_exp.models import MODELS, load_tokenizer, resolve_device, say
 from falcon_exp.quantization import QuantizationReport
 
 
+WARMUP_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class Prepared:
     """Prompts as the model will see them; everything checkable before weights load."""
@@ -92,8 +95,8 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
         return timed_generate(decoder, inputs[index], prepared.new_tokens[index], job.generation.force_length, device)
 
     torch.manual_seed(job.seed)
-    for _ in range(job.generation.warmup):
-        generate(0)
+    for _ in range(job.generation.warmup):  # a few tokens run every code path once; their speed is not kept
+        timed_generate(decoder, inputs[0], min(WARMUP_TOKENS, prepared.new_tokens[0]), job.generation.force_length, device)
     probe = MemoryProbe(device)
     samples = []
     generated_by_prompt: dict[int, list[int]] = {}  # each prompt's first timed continuation
