@@ -145,3 +145,14 @@ def test_the_captured_decode_step_builds_no_tensor_on_the_host(architecture):
     with graph_safe_falcon():
         assert _host_built_tensors(fast._step) == []
         assert fast.generate(torch.tensor([PROMPTS[0]]), 12, True, lambda: None) == expected
+
+
+def test_bitsandbytes_int8_cast_warning_is_logged_once(caplog):
+    import logging
+
+    import falcon_exp.quantization  # noqa: F401 - installs the filter
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    for message in ["MatMul8bitLt: cast A (test)"] * 3 + ["MatMul8bitLt: cast B (test)"]:
+        logger.warning(message)
+    assert [r.getMessage() for r in caplog.records] == ["MatMul8bitLt: cast A (test)", "MatMul8bitLt: cast B (test)"]
