@@ -77,15 +77,6 @@ class EagerDecoder:
     def __init__(self, model, pad_token_id: int) -> None:
         self.model, self.pad_token_id = model, pad_token_id
 
-    def _buffers_beside_weights(self) -> None:
-        """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph
-        cannot copy them in at every step, so they move to the weights' device once."""
-        device = next(self.model.parameters()).device
-        for module in self.model.modules():
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if buffer is not None and buffer.device != device:
-                    module._buffers[name] = buffer.to(device)
-
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
         with torch.inference_mode():
             output = self.model.generate(
