@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from falcon_exp import quality, roofline
-from falcon_exp.decode import decoder_for
 from falcon_exp.config import ConfigError, JobConfig
+from falcon_exp.decode import decoder_for
 from falcon_exp.measure import MemoryProbe, Timing, timed_generate
 from falcon_exp.models import MODELS, load_tokenizer, resolve_device, say
 from falcon_exp.quantization import QuantizationReport
@@ -95,8 +95,9 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
         return timed_generate(decoder, inputs[index], prepared.new_tokens[index], job.generation.force_length, device)
 
     torch.manual_seed(job.seed)
-    for _ in range(job.generation.warmup):  # a few tokens run every code path once; their speed is not kept
-        timed_generate(decoder, inputs[0], min(WARMUP_TOKENS, prepared.new_tokens[0]), job.generation.force_length, device)
+    warmup_tokens = min(WARMUP_TOKENS, prepared.new_tokens[0])  # enough to run every code path once
+    for _ in range(job.generation.warmup):
+        timed_generate(decoder, inputs[0], warmup_tokens, job.generation.force_length, device)
     probe = MemoryProbe(device)
     samples = []
     generated_by_prompt: dict[int, list[int]] = {}  # each prompt's first timed continuation

@@ -3,8 +3,8 @@
 A sweep (`-m`) is a parent run with one child run per Hydra job; a single job is a plain run.
 Params are the flattened config; metrics are grouped by prefix (time/, memory/, tokens/,
 quality/, roofline/) with their unit in the name, beside `roofline_fraction`; aggregates carry
-the median under the plain name and the spread under `.p25`, `.p75`, `.std`, `.mean`, `.min`, `.max`; each sample (prompt x
-repetition) is logged under `sample/<name>` at step `prompt_index * repetitions + repetition`.
+the median under the plain name and the spread under `.p25`, `.p75`, `.std`, `.mean`, `.min`,
+`.max`; each sample (prompt x repetition) is logged under `sample/<name>` at step `prompt_index * repetitions + repetition`.
 """
 
 from __future__ import annotations

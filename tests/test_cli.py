@@ -28,6 +28,8 @@ def test_sweep_4_8_16_leaves_a_parent_and_three_finished_children(tmp_path, stor
             assert key in child.data.metrics, key
         assert child.data.metrics["tokens/new_tokens_total"] == 2 * 2 * 6  # prompts x repetitions x forced tokens
         assert child.data.params["quantization.quant_type"] == "nf4"
+        assert child.data.tags["falcon_exp.decode_path"] == "eager" and "falcon_exp.fast_fallback" not in child.data.tags
+        assert 0 < child.data.metrics["roofline_fraction"] < 1 and child.data.metrics["roofline/copy_bandwidth_gbs"] > 0
         assert child.data.tags["git.commit"] and child.data.tags["version.bitsandbytes"] != "absent"
         history = client.get_metric_history(child.info.run_id, "sample/time/generate_s")
         assert sorted(m.step for m in history) == [0, 1, 2, 3]
@@ -133,3 +135,13 @@ def test_each_model_loads_once_per_sweep_whatever_the_command_line_order(tmp_pat
     assert sorted(c.data.params["bits"] for c in loaded) == ["4", "8"]
     assert all("time/load_s" in c.data.metrics for c in loaded)
     assert not any("time/load_s" in c.data.metrics for c in children if c not in loaded)
+
+
+def test_the_fast_path_from_the_command_line_logs_its_path_and_why_it_has_no_graph(tmp_path, store, two_prompts):
+    done = run_cli("generation.fast=true", "bits=4", *QUICK, "quality.enabled=false", f"prompts.file={two_prompts}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,), _ = runs_of(store)
+    assert run.info.status == "FINISHED" and run.data.params["generation.fast"] == "True"
+    assert run.data.tags["falcon_exp.decode_path"] == "static_cache"
+    assert "CUDA graphs need a CUDA device" in run.data.tags["falcon_exp.fast_fallback"]
+    assert run.data.metrics["tokens/new_tokens_total"] == 2 * 2 * 6
