@@ -51,11 +51,16 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _override_key(argument: str) -> str:
+    """`+quantization.quant_type=nf4` -> `quantization.quant_type`."""
+    return argument.lstrip("+~").partition("=")[0]
+
+
 def check_group_overrides(arguments: list[str]) -> None:
     """`model=nope` on the command line: one line naming the choices, before Hydra composes
     (whose own message spans a screen)."""
     for argument in arguments:
-        key, _, value = argument.lstrip("+~").partition("=")
+        key, value = _override_key(argument), argument.partition("=")[2]
         if key not in ("model", "prompts", "experiment") or not value:
             continue
         allowed = group_choices(key)
@@ -77,7 +82,7 @@ def load_order(arguments: list[str]) -> list[str]:
     different keys changes no job's configuration."""
 
     slots = [i for i, a in enumerate(arguments) if "=" in a and not a.startswith("-")]  # flags stay put
-    overrides = sorted((arguments[i] for i in slots), key=lambda a: a.lstrip("+~").split("=")[0].split(".")[0] not in LOAD_SHAPING)
+    overrides = sorted((arguments[i] for i in slots), key=lambda a: _override_key(a).split(".")[0] not in LOAD_SHAPING)
     ordered = list(arguments)
     for slot, override in zip(slots, overrides):
         ordered[slot] = override

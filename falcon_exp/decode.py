@@ -113,9 +113,13 @@ class FastDecoder:
         output = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
         return output.logits[:, -1, :].float() + self.suppress
 
+    def _advance(self, input_ids: torch.Tensor) -> None:
+        """Write the greedy next token after `input_ids` into the token buffer."""
+        self.token.copy_(self._forward(input_ids).argmax(-1, keepdim=True).to(self.token.device))
+
     def _step(self) -> None:
         """The decode step: read the last token from its buffer, write the next one there."""
-        self.token.copy_(self._forward(self.token).argmax(-1, keepdim=True).to(self.token.device))
+        self._advance(self.token)
 
     def _why_no_graph(self, quantization: QuantizationConfig, device: str) -> str | None:
         if device != "cuda":
@@ -166,7 +170,7 @@ class FastDecoder:
         generated: list[int] = []
         with torch.no_grad():
             self.cache.reset()
-            self.token.copy_(self._forward(input_ids).argmax(-1, keepdim=True).to(self.token.device))  # prefill, eager
+            self._advance(input_ids)  # prefill, eager
             while True:
                 on_token()
                 generated.append(int(self.token))

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from falcon_exp.config import ARCHITECTURES_DIR, FalconExpError, JobConfig, ModelConfig
+from falcon_exp.measure import synchronize
 from falcon_exp.quantization import QuantizationReport, bnb_config, quantizable_linears, verify
 
 PACKAGED = {
@@ -227,20 +228,15 @@ def _load(job: JobConfig, device: str) -> LoadedModel:
         model_class = AutoModelForCausalLM
         source = checkpoint(job.model)
     say(f"loading {job.model.name} ({job.model.weights} weights) as {job.mode} on {device}")
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with quantizable_linears():
         model = model_class.from_pretrained(source, **kwargs)
-    _synchronize(device)
+    synchronize(device)
     load_s = time.perf_counter() - start
     model.eval()
     report = verify(model, job.quantization)
     return LoadedModel(model=model, report=report, load_s=load_s, device=device)
-
-
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class ModelCache:

@@ -27,8 +27,8 @@ QUALITY = (
 SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
 RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
 # Config keys that identify a configuration when a sweep varies them.
-KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens", "quantization.quant_type",
-        "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
+KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
+        "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
 
