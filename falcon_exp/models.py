@@ -9,6 +9,7 @@ disk nor of host memory), and each layer is still its own tensor on the device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import gc
@@ -269,6 +270,16 @@ class ModelCache:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        _return_freed_host_memory()
+
+
+def _return_freed_host_memory() -> None:
+    """glibc keeps freed heap pages; without this, the next model's peak resident memory would
+    include the last model's (the quality reference's, say)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 MODELS = ModelCache()
