@@ -104,8 +104,8 @@ def test_copy_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
 
 
 def _host_built_tensors(step) -> list[str]:
-    """Ops in `step` that make a tensor from host data or move one between devices: on a GPU,
-    each is a host-to-device copy, which CUDA graph capture refuses."""
+    """Ops in `step` that make a tensor from host data, move one between devices or read a value
+    back to the host: on a GPU each is a copy or a sync, which CUDA graph capture refuses."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -114,9 +114,13 @@ def _host_built_tensors(step) -> list[str]:
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "lift_fresh" in str(func) or (kwargs or {}).get("device") is not None and "_to_copy" in str(func):
+            name = str(func)
+            if (
+                any(op in name for op in ("lift_fresh", "_local_scalar_dense", "nonzero"))
+                or (kwargs or {}).get("device") is not None and "_to_copy" in name
+            ):
                 where = [f for f in traceback.extract_stack() if "transformers" in f.filename or "falcon_exp" in f.filename]
-                found.append(f"{func} at {where[-1].filename.split('/')[-1]}:{where[-1].lineno}")
+                found.append(f"{name} at {where[-1].filename.split('/')[-1]}:{where[-1].lineno}")
             return func(*args, **(kwargs or {}))
 
     with torch.no_grad(), Spy():
