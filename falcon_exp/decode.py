@@ -2,10 +2,11 @@
 
 eager: transformers' `generate` with its dynamic cache, as a user would call it.
 fast (`generation.fast=true`): a static KV cache (fixed addresses, no reallocation as the text
-grows) and the one-token forward captured once as a CUDA graph and replayed per token, so a
-decode step costs the GPU's kernels, not Python's launches of them. Where a graph cannot be
-captured (no CUDA device, a model over several GPUs, LLM.int8's host-side outlier search, or a
-capture error) it decodes with the static cache alone and says why in `fallback`.
+grows) and the one-token forward compiled (torch.compile fuses its small elementwise kernels)
+and captured once as a CUDA graph replayed per token, so a decode step costs the GPU's kernels,
+not Python's launches of them. Where compilation fails it captures the uncompiled step; where a
+graph cannot be captured (no CUDA device, a model over several GPUs, LLM.int8's host-side
+outlier search, or a capture error) it decodes with the static cache alone. `fallback` says why.
 Both pick the same tokens as `generate(do_sample=False)`, end-of-sequence suppressed when the
 length is forced (as `min_new_tokens` does).
 """
@@ -92,7 +93,7 @@ class EagerDecoder:
 
 
 class FastDecoder:
-    """Static KV cache sized for the longest generation; one CUDA graph per decoder."""
+    """Static KV cache sized for the longest generation; one (compiled) CUDA graph per decoder."""
 
     def __init__(self, model, max_tokens: int, quantization: QuantizationConfig, device: str) -> None:
         from transformers import StaticCache
@@ -104,9 +105,10 @@ class FastDecoder:
         head = model.get_output_embeddings().weight
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
-        self.graph = None
+        self.graph, self.compiled = None, False
         self.fallback = self._why_no_graph(quantization, device) or self._capture()
-        self.path = "cuda_graph" if self.graph is not None else "static_cache"
+        graph_path = "compiled_cuda_graph" if self.compiled else "cuda_graph"
+        self.path = graph_path if self.graph is not None else "static_cache"
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits, as float32 with suppressed tokens at -inf (generate's order)."""
@@ -135,26 +137,35 @@ class FastDecoder:
         return None
 
     def _capture(self) -> str | None:
-        """Warm up on a side stream (cuBLAS and the cache allocate there), then capture one step."""
+        """The compiled step as a graph, else the plain step as one; the reasons for what failed."""
         self._buffers_beside_weights()
-        try:
-            with torch.no_grad(), graph_safe_falcon():
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._step()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._step()
-            self.graph = graph
-            return None
-        except RuntimeError as error:
-            torch.cuda.synchronize()
-            return f"CUDA graph capture failed: {str(error).strip().splitlines()[0][:200]}"
-        finally:
-            self.cache.reset()
+        torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
+        reasons = []
+        for compiled, step in ((True, torch.compile(self._step, dynamic=False)), (False, self._step)):
+            try:
+                self.graph, self.compiled = self._graph_of(step), compiled
+                return "; ".join(reasons) or None
+            except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
+                torch.cuda.synchronize()
+                what = "torch.compile" if compiled else "CUDA graph capture"
+                reasons.append(f"{what} failed: {str(error).strip().splitlines()[0][:200]}")
+            finally:
+                self.cache.reset()
+        return "; ".join(reasons)
+
+    def _graph_of(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (compilation, cuBLAS and the cache allocate there), then capture."""
+        with torch.no_grad(), graph_safe_falcon():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        return graph
 
     def _buffers_beside_weights(self) -> None:
         """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph

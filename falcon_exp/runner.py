@@ -46,8 +46,8 @@ class JobResult:
     load_s: float | None  # None when the model was reused from an earlier job
     device: str
     quality: dict[str, float]  # empty when quality.enabled is false
-    decode_path: str  # eager, cuda_graph or static_cache (falcon_exp/decode.py)
-    fast_fallback: str | None  # why the fast path runs without CUDA graphs
+    decode_path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache (falcon_exp/decode.py)
+    fast_fallback: str | None  # why the fast path runs without compilation or without CUDA graphs
     roofline: dict[str, float]  # the floor's inputs: copy bandwidth, bytes per step
 
 
@@ -87,7 +87,7 @@ def run(job: JobConfig, prepared: Prepared) -> JobResult:
     longest = max(ids.shape[1] + n for ids, n in zip(inputs, prepared.new_tokens))
     decoder = decoder_for(model, job.generation.fast, longest, job.quantization, device, prepared.pad_token_id)
     if decoder.fallback:
-        say(f"fast path without CUDA graphs: {decoder.fallback}")
+        say(f"fast path as {decoder.path}: {decoder.fallback}")
     weights_step = roofline.weight_bytes_per_step(model)
     kv_per_token = roofline.kv_bytes_per_token(model, inputs[0])
 

@@ -43,6 +43,24 @@ def test_fast_path_picks_the_same_tokens_as_generate(tiny, force_length):
             assert len(expected) == 24
 
 
+def test_the_compiled_decode_step_picks_the_same_tokens(tiny):
+    """On a GPU the step is compiled before capture; compiled here, on the CPU, it must still
+    pick generate's tokens (bf16 and nf4 weights), and dynamo must really have compiled it."""
+    from torch._dynamo.utils import counters
+
+    job, model = tiny
+    if job.quantization.bits == 8:
+        pytest.skip("LLM.int8 with its default outlier threshold is not captured on a GPU either")
+    fast = FastDecoder(model, max_tokens=8 + 12, quantization=job.quantization, device="cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    fast._step = torch.compile(fast._step, dynamic=False)
+    ids = torch.tensor([PROMPTS[2]])
+    with graph_safe_falcon():
+        assert fast.generate(ids, 12, True, lambda: None) == EagerDecoder(model, 2).generate(ids, 12, True, lambda: None)
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):
     job, model = tiny
     fast = FastDecoder(model, max_tokens=32, quantization=job.quantization, device="cpu")
