@@ -7,7 +7,7 @@ interleaved rounds; (2) the harness's figures against torch's profiler on the sa
 bandwidth floor, and whether the tokens are the same.
 
     python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
-        [--weights packaged|synthetic] [--tokens 64] [--rounds 10]
+        [--weights packaged|synthetic] [--tokens 64] [--rounds 10] [--set dtype=float32 ...]
 """
 
 from __future__ import annotations
@@ -104,10 +104,11 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[16])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. dtype=float32")
     args = parser.parse_args()
     for bits in args.bits:
         overrides = [f"model={args.model}", f"bits={bits}", "max_length=null", f"max_new_tokens={args.tokens}",
-                     "quality.enabled=false"] + ([f"model.weights={args.weights}"] if args.weights else [])
+                     "quality.enabled=false", *args.set] + ([f"model.weights={args.weights}"] if args.weights else [])
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             job = JobConfig.from_hydra(compose("config", overrides=overrides))
         prepared = prepare(job)
@@ -134,7 +135,7 @@ def main() -> None:
             runs = [timed_generate(decoder, ids, args.tokens, True, device) for _ in range(args.rounds)]
             ms = statistics.median(t.decode_ms_per_token for t, _ in runs)
             results[fast] = (ms, runs[0][1])
-            print(f"  {decoder.path:<13} {ms:8.2f} ms/token  roofline_fraction {roofline.fraction(step, bandwidth, ms):.3f}"
+            print(f"  {decoder.path:<19} {ms:8.2f} ms/token  roofline_fraction {roofline.fraction(step, bandwidth, ms):.3f}"
                   + (f"  (fallback: {decoder.fallback})" if decoder.fallback else ""))
         eager_tokens, fast_tokens = results[False][1], results[True][1]
         same = sum(a == b for a, b in zip(eager_tokens, fast_tokens))
