@@ -61,9 +61,11 @@ def _nvidia_driver() -> str | None:
 
 def describe(device: str) -> dict[str, str]:
     """Tags: git state, host, device and driver, library versions."""
-    # A copy of the tree without .git (a lent GPU machine) names its commit in the environment.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("FALCON_EXP_GIT_COMMIT")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy of the tree on another machine (a lent GPU) may carry no .git or a stale one: the
+    # commit named in the environment wins, and then nothing is known about uncommitted changes.
+    named = os.environ.get("FALCON_EXP_GIT_COMMIT")
+    commit = named or _git("rev-parse", "HEAD")
+    dirty = None if named else _git("status", "--porcelain", "--untracked-files=no")
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),

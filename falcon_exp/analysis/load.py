@@ -19,7 +19,7 @@ import pandas as pd
 REQUIRED_METRICS = ("time/decode_ms_per_token", "time/generate_s", "memory/weights_gb", "sample/time/generate_s",
                     "sample/time/decode_ms_per_token", "sample/memory/peak_rss_gb")
 TAGS = ("falcon_exp.model", "falcon_exp.weights", "falcon_exp.device", "device.name", "falcon_exp.model_reused",
-        "falcon_exp.decode_path", "falcon_exp.fast_fallback")
+        "falcon_exp.decode_path", "falcon_exp.fast_fallback", "git.commit")
 
 
 @dataclass

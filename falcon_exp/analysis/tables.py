@@ -161,7 +161,8 @@ def results(runs: pd.DataFrame) -> pd.DataFrame:
 
 def roofline(runs: pd.DataFrame) -> pd.DataFrame:
     """Eager against fast decoding, one row per run: `mode` is eager or fast here, `quant` the
-    weights' mode; the floor's inputs and the path the fast decoder took beside them."""
+    weights' mode (with LLM.int8's outlier threshold, which decides whether a graph can hold it);
+    the floor's inputs, the path the fast decoder took and the commit that ran beside them."""
     runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
     fast = runs.get("generation.fast", pd.Series(False, index=runs.index)).astype(str).str.lower() == "true"
     table = pd.DataFrame({
@@ -173,11 +174,14 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "roofline_fraction": runs["roofline_fraction"],
         "peak_memory_gb": runs["memory/peak_gb"],
         "quant": runs["mode"],
+        "int8_threshold": runs.get("quantization.int8_threshold").where(runs["bits"] == 8),
+        "new_tokens": runs.get("max_new_tokens"),
         "floor_ms_per_token": runs["time/decode_ms_per_token"] * runs["roofline_fraction"],
         "copy_bandwidth_gbs": runs["roofline/copy_bandwidth_gbs"],
         "weight_bytes_per_step_gb": runs["roofline/weight_bytes_per_step_gb"],
         "decode_path": runs.get("falcon_exp.decode_path", "eager"),
         "fallback": runs.get("falcon_exp.fast_fallback", pd.Series("", index=runs.index)).fillna(""),
+        "commit": runs.get("git.commit", pd.Series("", index=runs.index)).str[:7],
         "run_id": runs["run_id"],
     })
     return table.reset_index(drop=True)
