@@ -71,6 +71,23 @@ def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store):
         assert math.isclose(row["time/decode_ms_per_token"], written["time/decode_ms_per_token"], rel_tol=1e-9)
 
 
+def test_roofline_rows_name_the_run_its_floor_and_its_commit(sweep_store):
+    from falcon_exp.analysis import tables
+    from falcon_exp.analysis.load import load
+
+    table = tables.roofline(load(sweep_store).runs)
+    runs, _ = runs_of(sweep_store)
+    by_id = {r.info.run_id: r.data for r in runs}
+    assert len(table) == 4 and set(table["mode"]) == {"eager"} and set(table["decode_path"]) == {"eager"}
+    for row in table.to_dict("records"):
+        logged = by_id[row["run_id"]]
+        assert row["ms_per_token"] == logged.metrics["time/decode_ms_per_token"]
+        assert row["roofline_fraction"] == logged.metrics["roofline_fraction"]
+        assert row["commit"] == logged.tags["git.commit"][:7]
+        # the threshold is LLM.int8's: shown for 8-bit rows only
+        assert (row["int8_threshold"] == float(logged.params["quantization.int8_threshold"])) == (row["bits"] == 8)
+
+
 def test_tidy_frame_has_a_row_per_run_and_prompt(sweep_store):
     from falcon_exp.analysis.load import load
 

@@ -174,7 +174,7 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "roofline_fraction": runs["roofline_fraction"],
         "peak_memory_gb": runs["memory/peak_gb"],
         "quant": runs["mode"],
-        "int8_threshold": runs.get("quantization.int8_threshold").where(runs["bits"] == 8),
+        "int8_threshold": runs.get("quantization.int8_threshold", pd.Series(index=runs.index)).where(runs["bits"] == 8),
         "new_tokens": runs.get("max_new_tokens"),
         "floor_ms_per_token": runs["time/decode_ms_per_token"] * runs["roofline_fraction"],
         "copy_bandwidth_gbs": runs["roofline/copy_bandwidth_gbs"],
