@@ -105,10 +105,8 @@ class FastDecoder:
         head = model.get_output_embeddings().weight
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
-        self.graph, self.compiled = None, False
+        self.graph, self.path = None, "static_cache"
         self.fallback = self._why_no_graph(quantization, device) or self._capture()
-        graph_path = "compiled_cuda_graph" if self.compiled else "cuda_graph"
-        self.path = graph_path if self.graph is not None else "static_cache"
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits, as float32 with suppressed tokens at -inf (generate's order)."""
@@ -140,14 +138,15 @@ class FastDecoder:
         """The compiled step as a graph, else the plain step as one; the reasons for what failed."""
         self._buffers_beside_weights()
         torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
+        attempts = (("compiled_cuda_graph", "torch.compile", torch.compile(self._step, dynamic=False)),
+                    ("cuda_graph", "CUDA graph capture", self._step))
         reasons = []
-        for compiled, step in ((True, torch.compile(self._step, dynamic=False)), (False, self._step)):
+        for path, what, step in attempts:
             try:
-                self.graph, self.compiled = self._graph_of(step), compiled
+                self.graph, self.path = self._graph_of(step), path
                 return "; ".join(reasons) or None
             except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
                 torch.cuda.synchronize()
-                what = "torch.compile" if compiled else "CUDA graph capture"
                 reasons.append(f"{what} failed: {str(error).strip().splitlines()[0][:200]}")
             finally:
                 self.cache.reset()

@@ -32,10 +32,15 @@ KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.nam
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
 
+def column(frame: pd.DataFrame, key: str, default=float("nan")) -> pd.Series:
+    """A logged column, or `default` in every row where no run logged `key`."""
+    return frame.get(key, pd.Series(default, index=frame.index))
+
+
 def peak_memory(frame: pd.DataFrame, prefix: str = "memory/") -> pd.Series:
     """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS;
     of runs (`memory/...`) or of samples (`sample/memory/...`)."""
-    gpu = frame.get(f"{prefix}peak_allocated_gb", pd.Series(float("nan"), index=frame.index))
+    gpu = column(frame, f"{prefix}peak_allocated_gb")
     return gpu.fillna(frame[f"{prefix}peak_rss_gb"])
 
 
@@ -164,7 +169,7 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
     weights' mode (with LLM.int8's outlier threshold, which decides whether a graph can hold it);
     the floor's inputs, the path the fast decoder took and the commit that ran beside them."""
     runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
-    fast = runs.get("generation.fast", pd.Series(False, index=runs.index)).astype(str).str.lower() == "true"
+    fast = column(runs, "generation.fast", False).astype(str).str.lower() == "true"
     table = pd.DataFrame({
         "device": runs.get("device.name", runs.get("falcon_exp.device")),
         "model": runs["model.name"],
@@ -174,14 +179,14 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "roofline_fraction": runs["roofline_fraction"],
         "peak_memory_gb": runs["memory/peak_gb"],
         "quant": runs["mode"],
-        "int8_threshold": runs.get("quantization.int8_threshold", pd.Series(index=runs.index)).where(runs["bits"] == 8),
-        "new_tokens": runs.get("max_new_tokens"),
+        "int8_threshold": column(runs, "quantization.int8_threshold").where(runs["bits"] == 8),
+        "new_tokens": column(runs, "max_new_tokens"),
         "floor_ms_per_token": runs["time/decode_ms_per_token"] * runs["roofline_fraction"],
         "copy_bandwidth_gbs": runs["roofline/copy_bandwidth_gbs"],
         "weight_bytes_per_step_gb": runs["roofline/weight_bytes_per_step_gb"],
         "decode_path": runs.get("falcon_exp.decode_path", "eager"),
-        "fallback": runs.get("falcon_exp.fast_fallback", pd.Series("", index=runs.index)).fillna(""),
-        "commit": runs.get("git.commit", pd.Series("", index=runs.index)).str[:7],
+        "fallback": column(runs, "falcon_exp.fast_fallback", "").fillna(""),
+        "commit": column(runs, "git.commit", "").str[:7],
         "run_id": runs["run_id"],
     })
     return table.reset_index(drop=True)
