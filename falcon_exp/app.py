@@ -7,8 +7,11 @@ sweep goes on; the sweep then ends with a summary and exit code 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -17,10 +20,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from falcon_exp import environment, runner, tracking
 from falcon_exp.config import ConfigError, FalconExpError, JobConfig
-from falcon_exp.models import MODELS, resolve_device, say
+from falcon_exp.models import MODELS, resolve_device, say, with_checkpoint_quantization
 
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
+SWEEP_FILE = "falcon_exp_sweep.json"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What the jobs of a sweep share, in whatever process or machine runs them (joblib, SLURM),
+    through a file in the sweep folder: the parent run, the longest continuation any job
+    generates and whether any job may stop at end-of-sequence (the quality reference's text is
+    made that long, by both stopping rules where needed, at once, so that no later job evicts a
+    loaded model to extend it)."""
+
+    parent_run_id: str
+    longest_new_tokens: int
+    stops_early: bool
+
+    def save(self, sweep_dir: Path) -> None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def of(cls, sweep_dir: Path) -> Sweep | None:
+        path = sweep_dir / SWEEP_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def fail(error: FalconExpError, code: int) -> None:
@@ -50,9 +76,15 @@ def _environment_tags(device: str) -> dict[str, str]:
     return environment.describe(device)
 
 
+def _quantization_source(job: JobConfig) -> str:
+    if job.quantization.from_checkpoint:
+        return "checkpoint: the checkpoint's own quantization_config, as found"
+    return "request, which the checkpoint's own quantization_config matches" if job.prequantized else "request"
+
+
 def validate(cfg: DictConfig) -> tuple[JobConfig, runner.Prepared]:
     """Everything that can be wrong with the input, found before anything loads or is logged."""
-    job = JobConfig.from_hydra(cfg)
+    job = with_checkpoint_quantization(JobConfig.from_hydra(cfg))
     return job, runner.prepare(job)
 
 
@@ -69,11 +101,13 @@ def run_job(cfg: DictConfig) -> str:
         say(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
         return "SKIPPED"
     sweep_dir = _in_sweep()
-    parent = tracking.sweep_parent_run_id(sweep_dir) if sweep_dir else None
+    sweep = Sweep.of(sweep_dir) if sweep_dir else None
+    parent = sweep.parent_run_id if sweep else None
     tags = _environment_tags(device) | {
         "falcon_exp.model": job.model.name,
         "falcon_exp.weights": job.model.weights,
         "falcon_exp.mode": job.mode,
+        "falcon_exp.quantization_source": _quantization_source(job),
     }
     if job.model.weights == "synthetic":
         tags["falcon_exp.text"] = "meaningless: synthetic (random) weights; memory and time are real"
@@ -84,7 +118,7 @@ def run_job(cfg: DictConfig) -> str:
         hydra_dir = None
     try:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
-            result = runner.run(job, prepared)
+            result = runner.run(job, prepared, sweep)
             tracking.log_result(run_id, job, result)
     except KeyboardInterrupt:  # the job's run is KILLED already; so is its sweep
         MODELS.clear()
@@ -119,14 +153,18 @@ class SweepCallback(Callback):
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
         jobs = [o for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
         try:
-            experiments = {validate(loader.load_sweep_config(config, list(o)))[0].experiment for o in jobs}
+            validated = [validate(loader.load_sweep_config(config, list(o))) for o in jobs]
             tracking.check_store()
         except FalconExpError as error:
             fail(error, EXIT_BAD_INPUT)
+        experiments = {job.experiment for job, _ in validated}
         if len(experiments) > 1:
             fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
         overrides = " ".join(config.hydra.overrides.task) or "defaults"
-        self.parent = tracking.start_sweep_run(experiments.pop(), f"sweep {overrides}", Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.parent = tracking.start_sweep_run(experiments.pop(), f"sweep {overrides}", sweep_dir)
+        longest = max(max(prepared.new_tokens) for _, prepared in validated)
+        Sweep(self.parent, longest, any(not job.generation.force_length for job, _ in validated)).save(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.parent is None:

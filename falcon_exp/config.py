@@ -126,6 +126,7 @@ class QuantizationConfig:
     compute_dtype: str = "bfloat16"
     double_quant: bool = False
     int8_threshold: float = 6.0
+    from_checkpoint: bool = False  # take bits and knobs from the checkpoint's own quantization_config
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, BITS)
@@ -135,6 +136,13 @@ class QuantizationConfig:
             raise ConfigError(f"quantization.double_quant={self.double_quant!r} is not allowed; choose true or false")
         if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
+        if not isinstance(self.from_checkpoint, bool):
+            raise ConfigError(f"quantization.from_checkpoint={self.from_checkpoint!r} is not allowed; choose true or false")
+
+    def knobs(self) -> dict[str, Any]:
+        """The settings that apply at these bits, by their config key (bits first)."""
+        applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}.get(self.bits, ())
+        return {"bits": self.bits} | {f"quantization.{k}": getattr(self, k) for k in applying}
 
     @property
     def load_key(self) -> tuple:
@@ -252,6 +260,7 @@ class JobConfig:
     setting: str = "custom"
     resume: bool = False
     flat: dict = field(default_factory=dict, compare=False)
+    prequantized: bool = False  # the checkpoint's own weights are quantized (found before loading)
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
@@ -297,6 +306,14 @@ class JobConfig:
             resume=raw.get("resume", False),
             flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
         )
+
+    def prequantized_as(self, quantization: QuantizationConfig) -> JobConfig:
+        """The same job on a checkpoint that holds quantized weights, with the quantization found
+        there (its params too)."""
+        flat = self.flat | {"bits": quantization.bits} | {
+            f"quantization.{f.name}": getattr(quantization, f.name) for f in dataclasses.fields(quantization) if f.name != "bits"
+        }
+        return dataclasses.replace(self, quantization=quantization, flat=flat, prequantized=True)
 
     @property
     def identity(self) -> str:

@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.falcon.modeling_falcon import FalconAttention
 
 from falcon_exp.config import QuantizationConfig
+from falcon_exp.roofline import kv_bytes_per_token
 
 
 class _Streamer(BaseStreamer):
@@ -77,6 +78,13 @@ class EagerDecoder:
 
     def __init__(self, model, pad_token_id: int) -> None:
         self.model, self.pad_token_id = model, pad_token_id
+        token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+        self.kv_bytes_per_token = kv_bytes_per_token(model, token)
+
+    def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
+        """Mean KV-cache bytes a decode step reads: the dynamic cache holds what was generated so
+        far, so decode step i (1..n-1) attends to prompt + i tokens."""
+        return self.kv_bytes_per_token * (prompt_tokens + new_tokens / 2)
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
         with torch.inference_mode():
@@ -98,7 +106,7 @@ class FastDecoder:
     def __init__(self, model, max_tokens: int, quantization: QuantizationConfig, device: str) -> None:
         from transformers import StaticCache
 
-        self.model = model
+        self.model, self.max_tokens = model, max_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
@@ -107,6 +115,22 @@ class FastDecoder:
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
         self.graph, self.path = None, "static_cache"
         self.fallback = self._why_no_graph(quantization, device) or self._capture()
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self._static_cache_bytes() / self.max_tokens
+
+    def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
+        """KV-cache bytes a decode step reads: attention runs over the whole static cache (its
+        unused positions masked), whatever the text's length."""
+        return float(self._static_cache_bytes())
+
+    def _static_cache_bytes(self) -> int:
+        """The static cache's keys and values as allocated (on its first use)."""
+        layers = [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+        if not layers:
+            raise RuntimeError("the static cache is allocated on first use; generate once before asking its size")
+        return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits, as float32 with suppressed tokens at -inf (generate's order)."""

@@ -65,14 +65,16 @@ def describe(device: str) -> dict[str, str]:
     # commit named in the environment wins, and then nothing is known about uncommitted changes.
     named = os.environ.get("FALCON_EXP_GIT_COMMIT")
     commit = named or _git("rev-parse", "HEAD")
-    dirty = None if named else _git("status", "--porcelain", "--untracked-files=no")
+    dirty = None if named else _git("status", "--porcelain")  # untracked files count: they can change what runs
     tags = {
         "git.commit": commit or "unknown",
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "cpu": _cpu_name(),
-        "cpu_count": str(torch.get_num_threads()),
+        "cpu.cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        "cpu.capability": torch.backends.cpu.get_cpu_capability(),
+        "torch.threads": str(torch.get_num_threads()),
         "device": device,
     }
     if device == "cuda":

@@ -3,8 +3,10 @@
 Timing: a clock marks the start (device synchronised first), each new token the moment the
 decoder has it (falcon_exp.decode calls back from inside generation), and the end. On a GPU the
 marks are CUDA events on the device's timeline; on the CPU, perf_counter readings.
-Memory: the allocator's peaks per CUDA device (allocated and reserved), the driver's view of each
-device, and the process's peak resident memory on the host, all reset before the timed work.
+Memory: on each GPU that holds the model, the allocator's peaks (allocated and reserved) and the
+process's own memory as NVML reports it; on the host, the process's peak resident memory. Peaks
+are reset before the timed work; a figure that cannot be reset or read is left out, with the
+reason (`MemoryProbe.unmeasured`), never replaced by a current or whole-process one.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
-GB = 1e9
+from falcon_exp import schema
+from falcon_exp.schema import GB
 
 
 class Clock:
@@ -51,7 +53,7 @@ class Timing:
     generate_s: float
     ttft_ms: float
     decode_ms_per_token: float
-    tokens_per_s: float
+    e2e_tokens_per_s: float  # new tokens over the whole call, prefill included
 
 
 def synchronize(device: str) -> None:
@@ -74,69 +76,111 @@ def timed_generate(decoder, input_ids: torch.Tensor, new_tokens: int, force_leng
         generate_s=end,
         ttft_ms=stamps[0] * 1e3,
         decode_ms_per_token=decode * 1e3,
-        tokens_per_s=len(generated) / end,
+        e2e_tokens_per_s=len(generated) / end,
     )
     return timing, generated
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median and spread of repeated measurements (nan-free values only)."""
-    clean = sorted(v for v in values if v == v)
-    if not clean:
-        return {}
-    quartiles = statistics.quantiles(clean, n=4, method="inclusive") if len(clean) > 1 else [clean[0]] * 3
-    return {
-        "median": statistics.median(clean),
-        "mean": statistics.fmean(clean),
-        "std": statistics.stdev(clean) if len(clean) > 1 else 0.0,
-        "p25": quartiles[0],
-        "p75": quartiles[2],
-        "min": clean[0],
-        "max": clean[-1],
-    }
+def median(values: list[float]) -> float | None:
+    """The median of the nan-free values; None when there are none."""
+    clean = [v for v in values if v == v]
+    return statistics.median(clean) if clean else None
 
 
-class MemoryProbe:
-    """Peak memory since the last reset: allocator per CUDA device, driver per device, host RSS."""
-
-    def __init__(self, device: str) -> None:
-        self.devices = list(range(torch.cuda.device_count())) if device == "cuda" else []
-
-    def reset(self) -> None:
-        for index in self.devices:
-            torch.cuda.reset_peak_memory_stats(index)
-        _reset_peak_rss()
-
-    def read(self) -> dict[str, float]:
-        """Flat GB figures: totals across devices, and each device's own."""
-        memory: dict[str, float] = {"peak_rss_gb": _peak_rss_bytes() / GB}
-        allocated = reserved = driver = 0
-        for index in self.devices:
-            a, r = torch.cuda.max_memory_allocated(index), torch.cuda.max_memory_reserved(index)
-            free, total = torch.cuda.mem_get_info(index)
-            memory[f"cuda{index}/peak_allocated_gb"] = a / GB
-            memory[f"cuda{index}/peak_reserved_gb"] = r / GB
-            memory[f"cuda{index}/driver_used_gb"] = (total - free) / GB
-            allocated, reserved, driver = allocated + a, reserved + r, driver + total - free
-        if self.devices:
-            memory |= {"peak_allocated_gb": allocated / GB, "peak_reserved_gb": reserved / GB, "driver_used_gb": driver / GB}
-        return memory
+def repetition_std(values_by_prompt: dict[int, list[float]]) -> float | None:
+    """The spread between repetitions: each prompt's standard deviation over its repetitions,
+    then the median over prompts. None with fewer than two repetitions of any prompt."""
+    spreads = []
+    for values in values_by_prompt.values():
+        clean = [v for v in values if v == v]
+        if len(clean) > 1:
+            spreads.append(statistics.stdev(clean))
+    return statistics.median(spreads) if spreads else None
 
 
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def _reset_peak_rss() -> None:
-    """Linux resets the resident high-water mark (VmHWM) on writing 5 to clear_refs."""
+class MemoryProbe:
+    """Peak memory since the last reset on the host and on the GPUs that hold the model."""
+
+    def __init__(self, gpus: list[int]) -> None:
+        self.gpus = gpus
+        self.unmeasured: dict[str, str] = {}  # metric -> why it has no value
+        self._nvml = _nvml_handles(gpus, self.unmeasured) if gpus else {}
+        self._host_peak_reset: bool | str = "never reset"
+
+    def reset(self) -> None:
+        for index in self.gpus:
+            torch.cuda.reset_peak_memory_stats(index)
+        self._host_peak_reset = _reset_peak_rss()
+        if self._host_peak_reset is not True:
+            self.unmeasured[schema.PEAK_RSS_GB] = self._host_peak_reset
+
+    def read(self) -> dict[str, float]:
+        """Flat GB figures under their metric names: each GPU's own and their sums, the host's peak."""
+        memory: dict[str, float] = {}
+        if self._host_peak_reset is True and (peak := _peak_rss_bytes()) is not None:
+            memory[schema.PEAK_RSS_GB] = peak / GB
+        elif self._host_peak_reset is True:
+            self.unmeasured[schema.PEAK_RSS_GB] = "no VmHWM in /proc/self/status (not Linux)"
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for index in self.gpus:
+            figures = {
+                schema.PEAK_ALLOCATED_GB: torch.cuda.max_memory_allocated(index) / GB,
+                schema.PEAK_RESERVED_GB: torch.cuda.max_memory_reserved(index) / GB,
+            }
+            if index in self._nvml and (used := _nvml_process_bytes(self._nvml[index], self.unmeasured)) is not None:
+                figures[schema.PROCESS_GB] = used / GB
+            for key, value in figures.items():
+                memory[schema.cuda_memory(index, key)] = value
+                sums[key], counts[key] = sums.get(key, 0.0) + value, counts.get(key, 0) + 1
+        # a sum over only some of the model's GPUs is no sum
+        return memory | {key: value for key, value in sums.items() if counts[key] == len(self.gpus)}
+
+
+def _reset_peak_rss() -> bool | str:
+    """Linux resets the resident high-water mark (VmHWM) on writing 5 to clear_refs. True, or why not."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError as error:
+        return f"the host's peak could not be reset ({_CLEAR_REFS}: {error.strerror or error})"
 
 
-def _peak_rss_bytes() -> int:
-    if _STATUS.exists():
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return psutil.Process(os.getpid()).memory_info().rss
+def _peak_rss_bytes() -> int | None:
+    if not _STATUS.exists():
+        return None
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _nvml_handles(gpus: list[int], unmeasured: dict[str, str]) -> dict:
+    """NVML handles of torch's devices, matched by UUID (NVML's order need not be torch's)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return {i: pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(i).uuid}") for i in gpus}
+    except Exception as error:  # noqa: BLE001 - no NVML (not installed, no driver): say so
+        unmeasured[schema.PROCESS_GB] = f"NVML unavailable ({type(error).__name__}: {str(error)[:120]})"
+        return {}
+
+
+def _nvml_process_bytes(handle, unmeasured: dict[str, str]) -> int | None:
+    import pynvml
+
+    try:
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except pynvml.NVMLError as error:
+        unmeasured[schema.PROCESS_GB] = f"NVML cannot list processes ({error})"
+        return None
+    mine = [p.usedGpuMemory for p in processes if p.pid == os.getpid()]
+    if not mine or mine[0] is None:
+        unmeasured[schema.PROCESS_GB] = "NVML does not report this process's memory (another PID namespace, or no permission)"
+        return None
+    return int(mine[0])

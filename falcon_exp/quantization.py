@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from falcon_exp.config import FalconExpError, QuantizationConfig
+from falcon_exp.config import ConfigError, FalconExpError, QuantizationConfig
 
 # Subclasses of nn.Linear whose forward is exactly nn.Linear's: module path -> class name.
 LINEAR_TWINS = {"transformers.models.falcon.modeling_falcon": "FalconLinear"}
@@ -63,6 +64,29 @@ def bnb_config(quant: QuantizationConfig):
     return None
 
 
+def from_checkpoint_config(raw: dict, source: str) -> QuantizationConfig:
+    """A checkpoint's own `quantization_config` (its config.json) as the request it amounts to."""
+    method = raw.get("quant_method")
+    if method != "bitsandbytes":
+        raise ConfigError(f"{source} holds {method} weights; falcon-exp measures bitsandbytes 4- and 8-bit weights only")
+    if raw.get("load_in_4bit") or raw.get("_load_in_4bit"):
+        storage = raw.get("bnb_4bit_quant_storage") or "uint8"
+        if storage != "uint8":
+            raise ConfigError(f"{source} stores its 4-bit weights as {storage}; falcon-exp measures uint8 storage only")
+        compute = str(raw.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
+        return QuantizationConfig(bits=4, quant_type=raw.get("bnb_4bit_quant_type", "fp4"), compute_dtype=compute,
+                                  double_quant=bool(raw.get("bnb_4bit_use_double_quant")), from_checkpoint=True)
+    if raw.get("load_in_8bit") or raw.get("_load_in_8bit"):
+        return QuantizationConfig(bits=8, int8_threshold=float(raw.get("llm_int8_threshold", 6.0)), from_checkpoint=True)
+    raise ConfigError(f"{source} has a bitsandbytes quantization_config in neither 4 nor 8 bits")
+
+
+def differences(asked: QuantizationConfig, found: QuantizationConfig) -> list[str]:
+    """`key asked X, found Y` for each setting that applies to either and differs."""
+    a, f = asked.knobs(), found.knobs()
+    return [f"{k} asked {a.get(k, '-')}, found {f.get(k, '-')}" for k in dict.fromkeys([*a, *f]) if a.get(k) != f.get(k)]
+
+
 @contextlib.contextmanager
 def quantizable_linears() -> Iterator[None]:
     """While models are built inside, nn.Linear twins are built as plain nn.Linear."""
@@ -76,6 +100,26 @@ def quantizable_linears() -> Iterator[None]:
     finally:
         for module, (class_name, original) in saved.items():
             setattr(module, class_name, original)
+
+
+def cpu_kernel(quant: QuantizationConfig) -> str | None:
+    """Which bitsandbytes kernel a batch-1 decode step runs on this CPU: CPU timings of nf4 and
+    int8 depend on it more than on anything else, and CPUs differ (AVX-512, AVX-512-BF16)."""
+    if quant.bits == 16:
+        return None
+    import bitsandbytes.backends.cpu.ops as cpu
+    from bitsandbytes.functional import has_avx512bf16
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if quant.bits == 4:
+        if not has_avx512bf16():
+            return f"4-bit: dequantize, then a {quant.compute_dtype} matmul (bitsandbytes' default; CPU {capability}, no AVX512-BF16)"
+        if getattr(cpu, "gemm_4bit_forward_kernel", None) is not None:
+            return "4-bit: fused gemm_4bit_forward (kernels-community hub kernel, AVX512-BF16)"
+        return "4-bit: fused gemv_4bit_inference_cpu (bitsandbytes' native library, AVX512-BF16)"
+    if getattr(cpu, "_has_avx512", False):
+        return "int8: torch._int_mm (AVX-512)"
+    return f"int8: a float32 matmul of the int8 values (bitsandbytes' default; CPU {capability}, no AVX-512)"
 
 
 @dataclass(frozen=True)
@@ -124,23 +168,58 @@ def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield scb
 
 
-def verify(model: torch.nn.Module, quant: QuantizationConfig) -> QuantizationReport:
-    """Refuse a model whose linear layers are not quantized as asked."""
+def _layer_findings(name: str, module: torch.nn.Module, quant: QuantizationConfig, dtype: torch.dtype) -> dict[str, tuple]:
+    """What one linear layer holds against what was asked: {property: (asked, found)} where they differ."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if quant.bits == 16:
+        kind = "bitsandbytes" if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) else "plain"
+        asked = {"layer": "plain", "weight dtype": dtype}
+        found = {"layer": kind, "weight dtype": weight.dtype}
+    elif quant.bits == 4:
+        state = getattr(weight, "quant_state", None)
+        shape = tuple(state.shape) if state is not None else tuple(weight.shape)
+        asked = {"layer": "Linear4bit", "weight dtype": torch.uint8, "quant_state": "present", "quant_type": quant.quant_type,
+                 "double_quant": quant.double_quant, "compute_dtype": getattr(torch, quant.compute_dtype),
+                 "weight bytes": -(-math.prod(shape) // 2)}
+        found = {"layer": type(module).__name__, "weight dtype": weight.dtype,
+                 "quant_state": "present" if state is not None else "absent",
+                 "quant_type": getattr(state, "quant_type", None), "double_quant": bool(getattr(state, "nested", False)),
+                 "compute_dtype": getattr(module, "compute_dtype", None), "weight bytes": weight.numel() * weight.element_size()}
+    else:
+        state = getattr(module, "state", None)
+        scales = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else getattr(state, "SCB", None)
+        asked = {"layer": "Linear8bitLt", "weight dtype": torch.int8, "row scales": "present",
+                 "int8_threshold": float(quant.int8_threshold), "weight bytes": math.prod(weight.shape)}
+        found = {"layer": type(module).__name__, "weight dtype": weight.dtype, "row scales": "present" if scales is not None else "absent",
+                 "int8_threshold": float(getattr(state, "threshold", float("nan"))), "weight bytes": weight.numel() * weight.element_size()}
+    return {key: (asked[key], found[key]) for key in asked if asked[key] != found[key]}
+
+
+def verify(model: torch.nn.Module, quant: QuantizationConfig, dtype: str = "bfloat16") -> QuantizationReport:
+    """Refuse a model whose layers do not hold what was asked, compared layer by layer with the
+    request: layer class, weight storage dtype and bytes, quantization state, 4-bit data type,
+    nested quantization and compute dtype, LLM.int8's threshold and row scales. A checkpoint that
+    carries its own quantization_config makes transformers ignore the request; this finds it."""
     report = inspect(model)
-    expected = {4: "4bit", 8: "8bit", 16: "none"}[quant.bits]
-    should = sum(
-        1
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not name.split(".")[-1] in KEEP_FULL_PRECISION
-    )
-    if report.realised != expected:
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
+    mismatches: dict[str, list] = {}
+    for name, module in layers:
+        for key, (asked, found) in _layer_findings(name, module, quant, getattr(torch, dtype)).items():
+            mismatches.setdefault(key, [asked, found, 0])[2] += 1
+    if mismatches:
+        (key, (asked, found, count)), *others = mismatches.items()
+        # other layer classes differ in everything else too; otherwise name what else differs
+        more = f"; also {', '.join(k for k, _ in others)} differ" if others and key != "layer" else ""
         raise QuantizationNotRealised(
-            f"asked for bits={quant.bits} but the model loaded as {report.realised} "
-            f"({report.quantized_layers} of {report.linear_layers} linear layers quantized); refusing to log it"
-        )
-    if quant.bits != 16 and report.quantized_layers != should:
-        raise QuantizationNotRealised(
-            f"asked for bits={quant.bits} but only {report.quantized_layers} of the {should} linear layers "
-            "outside the output head were quantized; refusing to log it"
+            f"asked for bits={quant.bits} but the model loaded otherwise: {key} asked {_shown(asked)}, found "
+            f"{_shown(found)} in {count} of {len(layers)} linear layers{more} (weights {report.weights_bytes / 1e9:.4g} GB); "
+            "refusing to log it"
         )
     return report
+
+
+def _shown(value) -> str:
+    return str(value).removeprefix("torch.")

@@ -1,26 +1,30 @@
 """How close decoding comes to the memory-bandwidth limit.
 
-At batch 1 a decode step must read every weight it uses once, and the KV cache so far, so
-(bytes per step / copy bandwidth) is a floor on the time per token; `roofline_fraction` is that
-floor over the measured time (1.0 would be a step that only streams memory). Copy bandwidth is
-what a large device-to-device copy achieves, counting bytes read plus bytes written, measured
-once per machine and cached.
+At batch 1 a decode step must read every weight it uses once, and the KV cache as the decoder
+reads it, and writes next to nothing; so (bytes per step / read bandwidth) is a floor on the time
+per token, and `roofline_fraction` is that floor over the measured time (1.0 would be a step that
+only streams memory). Two bandwidths are measured once per machine and cached: a large on-device
+reduction (bytes read per second: the floor's denominator, since decoding reads) and a large
+copy (bytes read plus written per second, for comparison with published copy figures).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
+from typing import Callable
 
 import torch
 
-from falcon_exp.models import cache_dir, say
+from falcon_exp.models import cache_dir, locked, say
 from falcon_exp.quantization import weights_bytes
 
-COPY_BYTES = {"cuda": 2**30, "cpu": 2**28}  # per buffer; far beyond any cache
-COPY_ROUNDS = {"cuda": 20, "cpu": 5}
+BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}  # far beyond any cache
+ROUNDS = {"cuda": 20, "cpu": 5}
+BANDWIDTH_FILE = "bandwidth.json"
 
 
 def _device_names(device: str) -> list[str]:
@@ -29,44 +33,56 @@ def _device_names(device: str) -> list[str]:
     return [f"cpu {platform.processor() or platform.machine()} threads={torch.get_num_threads()}"]
 
 
-def _measure_copy(device: str, index: int) -> float:
-    """Bytes read plus written per second by one large copy (median of several)."""
-    count = COPY_BYTES[device]
-    target = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
-    source = torch.ones(count, dtype=torch.uint8, device=target)
-    destination = torch.empty_like(source)
+def _median_seconds(device: str, index: int, work: Callable[[], object]) -> float:
+    """The median time of `work` on one device over several rounds (the first two warm up)."""
     seconds = []
-    for round_ in range(COPY_ROUNDS[device] + 2):  # the first two warm up
+    for round_ in range(ROUNDS[device] + 2):
         if device == "cuda":
             with torch.cuda.device(index):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                destination.copy_(source)
+                work()
                 end.record()
                 end.synchronize()
                 elapsed = start.elapsed_time(end) / 1e3
         else:
             begin = time.perf_counter()
-            destination.copy_(source)
+            work()
             elapsed = time.perf_counter() - begin
         if round_ >= 2:
             seconds.append(elapsed)
-    return 2 * count / statistics.median(seconds)
+    return statistics.median(seconds)
 
 
-def copy_bandwidth(device: str) -> float:
-    """The slowest visible device's copy bandwidth in bytes/s (GPUs of one host are alike)."""
-    path = cache_dir() / "bandwidth.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
+def _measure(device: str, index: int) -> dict[str, float]:
+    """Bytes/s read by a reduction over a large buffer, and read plus written by a large copy."""
+    count = BUFFER_BYTES[device]
+    target = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
+    source = torch.ones(count // 4, dtype=torch.float32, device=target)
+    destination = torch.empty_like(source)
+    read = count / _median_seconds(device, index, source.sum)
+    copy = 2 * count / _median_seconds(device, index, lambda: destination.copy_(source))
+    return {"read": read, "copy": copy}
+
+
+def bandwidth(device: str) -> dict[str, float]:
+    """The slowest visible device's read and copy bandwidth in bytes/s, measured once per machine
+    (GPUs of one host are alike). Parallel jobs measure one at a time (they would slow each
+    other's measurement) under a lock, and the cache file is replaced whole, never half-written."""
+    path = cache_dir() / BANDWIDTH_FILE
     names = [f"{platform.node()} {name}" for name in _device_names(device)]
-    missing = [(i, n) for i, n in enumerate(names) if n not in known]
-    for index, name in missing:
-        known[name] = _measure_copy(device, index)
-        say(f"copy bandwidth of {name}: {known[name] / 1e9:.0f} GB/s (read + written; cached in {path})")
-    if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known, indent=1, sort_keys=True))
-    return min(known[n] for n in names)
+    with locked(BANDWIDTH_FILE):
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [(i, n) for i, n in enumerate(names) if not isinstance(known.get(n), dict)]
+        for index, name in missing:
+            known[name] = _measure(device, index)
+            say(f"bandwidth of {name}: read {known[name]['read'] / 1e9:.0f} GB/s, copy {known[name]['copy'] / 1e9:.0f} GB/s "
+                f"(read + written); cached in {path}")
+        if missing:
+            staging = path.with_suffix(f".{os.getpid()}.tmp")
+            staging.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(staging, path)
+    return {kind: min(known[n][kind] for n in names) for kind in ("read", "copy")}
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
@@ -90,10 +106,10 @@ def kv_bytes_per_token(model: torch.nn.Module, token: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def step_bytes(weights_step: int, kv_per_token: int, prompt_tokens: int, new_tokens: int) -> float:
-    """Mean bytes per decode step: decode step i (1..n-1) attends to prompt + i tokens."""
-    return weights_step + kv_per_token * (prompt_tokens + new_tokens / 2)
+def floor_ms(bytes_per_step: float, read_bandwidth: float) -> float:
+    """The fastest a decode step that must read these bytes can be, in ms."""
+    return bytes_per_step / read_bandwidth * 1e3
 
 
-def fraction(bytes_per_step: float, bandwidth: float, ms_per_token: float) -> float:
-    return (bytes_per_step / bandwidth) * 1e3 / ms_per_token
+def fraction(floor_ms_per_token: float, ms_per_token: float) -> float:
+    return floor_ms_per_token / ms_per_token

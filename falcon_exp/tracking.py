@@ -1,10 +1,8 @@
 """Records -> MLflow. The only module that writes to MLflow.
 
 A sweep (`-m`) is a parent run with one child run per Hydra job; a single job is a plain run.
-Params are the flattened config; metrics are grouped by prefix (time/, memory/, tokens/,
-quality/, roofline/) with their unit in the name, beside `roofline_fraction`; aggregates carry
-the median under the plain name and the spread under `.p25`, `.p75`, `.std`, `.mean`, `.min`,
-`.max`; each sample (prompt x repetition) is logged under `sample/<name>` at step `prompt_index * repetitions + repetition`.
+Params are the flattened config; metrics and tags are named in falcon_exp/schema.py, with their
+units and meanings.
 """
 
 from __future__ import annotations
@@ -20,8 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from falcon_exp import schema
 from falcon_exp.config import FalconExpError, JobConfig
-from falcon_exp.measure import summarize
+from falcon_exp.measure import median, repetition_std
 from falcon_exp.runner import JobResult
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
@@ -30,10 +29,6 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
     os.environ.setdefault(_key, _value)
-PARENT_RUN_FILE = "mlflow_parent_run_id"
-TIMING_METRICS = ("generate_s", "ttft_ms", "decode_ms_per_token", "tokens_per_s")
-TOKEN_METRICS = ("prompt_tokens", "new_tokens")
-SPREAD = ("p25", "p75", "std", "mean", "min", "max")
 
 
 def tracking_uri() -> str:
@@ -148,51 +143,90 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
-    """Metrics, tags and generated texts of a finished job."""
-    from mlflow.entities import Metric, RunTag
+def _metrics_of(job: JobConfig, result: JobResult) -> list:
+    """Every metric of a finished job: per sample at its step, and the run's figures."""
+    from mlflow.entities import Metric
 
-    client = _client()
-    now = int(time.time() * 1000)
-    reps = job.generation.repetitions
-    metrics: list[Metric] = []
-    columns = {f"time/{n}": [getattr(s.timing, n) for s in result.samples] for n in TIMING_METRICS}
-    columns |= {f"tokens/{n}": [getattr(s.timing, n) for s in result.samples] for n in TOKEN_METRICS}
-    columns |= {f"memory/{k}": [s.memory[k] for s in result.samples] for k in result.samples[0].memory}
-    columns["roofline_fraction"] = [s.roofline_fraction for s in result.samples]
-    steps = [sample.prompt_index * reps + sample.repetition for sample in result.samples]
+    now, reps = int(time.time() * 1000), job.generation.repetitions
+    points: list[Metric] = []
+
+    def log(key: str, value: float, step: int = 0) -> None:
+        points.append(Metric(key, float(value), now, step))
+
+    per_sample = {schema.TTFT_MS: "ttft_ms", schema.DECODE_MS_PER_TOKEN: "decode_ms_per_token", schema.GENERATE_S: "generate_s",
+                  schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s", schema.PROMPT_TOKENS: "prompt_tokens", schema.NEW_TOKENS: "new_tokens"}
+    columns = {key: [getattr(s.timing, field) for s in result.samples] for key, field in per_sample.items()}
+    columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in result.samples]
+    columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in result.samples]
+    columns |= {key: [s.memory[key] for s in result.samples] for key in result.samples[0].memory}
     for key, values in columns.items():
-        metrics += [Metric(f"sample/{key}", float(v), now, step) for v, step in zip(values, steps)]
-        if key.startswith("tokens/"):
-            metrics.append(Metric(f"{key}_total", float(sum(values)), now, 0))
-        elif not key.startswith("memory/"):  # memory's run-level figures are peaks, logged below
-            stats = summarize([float(v) for v in values])
-            if stats:
-                metrics.append(Metric(key, stats["median"], now, 0))
-                metrics += [Metric(f"{key}.{s}", stats[s], now, 0) for s in SPREAD]
-    memory = {"memory/weights_gb": result.report.weights_bytes / 1e9} | {f"memory/{k}": v for k, v in result.memory.items()}
-    metrics += [Metric(k, float(v), now, 0) for k, v in memory.items()]
-    metrics += [
-        Metric("quant/linear_layers", float(result.report.linear_layers), now, 0),
-        Metric("quant/quantized_layers", float(result.report.quantized_layers), now, 0),
-    ]
+        for sample, value in zip(result.samples, values):
+            log(schema.sample(key), value, sample.prompt_index * reps + sample.repetition)
+        if key in schema.TOKENS:
+            log(schema.total(key), sum(values))
+        elif key == schema.FLOOR_MS_PER_TOKEN and (middle := median(values)) is not None:
+            log(key, middle)
+        elif key in schema.TIMED and (middle := median(values)) is not None:
+            log(key, middle)
+            by_prompt: dict[int, list[float]] = {}
+            for sample, value in zip(result.samples, values):
+                by_prompt.setdefault(sample.prompt_index, []).append(value)
+            if (spread := repetition_std(by_prompt)) is not None:
+                log(key + schema.REP_STD, spread)
+    decode_ms = median(columns[schema.DECODE_MS_PER_TOKEN])
+    if decode_ms is not None:
+        log(schema.DECODE_TOKENS_PER_S, 1000 / decode_ms)
+    log(schema.WARMUP_TOKENS_TOTAL, result.warmup_tokens)
+    for key, value in (result.memory | {schema.WEIGHTS_GB: result.report.weights_bytes / schema.GB}).items():
+        log(key, value)  # memory's run-level figures are peaks over the generations
+    log(schema.LINEAR_LAYERS, result.report.linear_layers)
+    log(schema.QUANTIZED_LAYERS, result.report.quantized_layers)
     if result.load_s is not None:
-        metrics.append(Metric("time/load_s", result.load_s, now, 0))
-    metrics += [Metric(k, float(v), now, 0) for k, v in (result.quality | result.roofline).items()]
+        log(schema.LOAD_S, result.load_s)
+    for key, value in result.quality.items():
+        log(key, value)
+    log(schema.READ_BANDWIDTH_GBS, result.bandwidth["read"] / 1e9)
+    log(schema.COPY_BANDWIDTH_GBS, result.bandwidth["copy"] / 1e9)
+    log(schema.WEIGHT_BYTES_PER_STEP_GB, result.weight_bytes_per_step / 1e9)
+    log(schema.KV_BYTES_PER_TOKEN, result.kv_bytes_per_token)
+    return points
+
+
+def _tags_of(result: JobResult) -> dict[str, str]:
     tags = {
-        "falcon_exp.decode_path": result.decode_path,
-        "falcon_exp.model_reused": str(result.load_s is None).lower(),
-        "falcon_exp.quantization_realised": result.report.realised,
-        "falcon_exp.device": result.device,
+        schema.TAG_DECODE_PATH: result.decode_path,
+        schema.TAG_MODEL_REUSED: str(result.load_s is None).lower(),
+        schema.TAG_QUANTIZATION_REALISED: result.report.realised,
+        schema.TAG_DEVICE: result.device,
     }
     if result.fast_fallback:
-        tags["falcon_exp.fast_fallback"] = result.fast_fallback
+        tags[schema.TAG_FAST_FALLBACK] = result.fast_fallback
+    if result.cpu_kernel:
+        tags[schema.TAG_BNB_KERNEL] = result.cpu_kernel
+    if result.unmeasured:
+        tags[schema.TAG_UNMEASURED] = "; ".join(f"{k}: {why}" for k, why in sorted(result.unmeasured.items()))
+    above = [s.roofline_fraction for s in result.samples if s.roofline_fraction > 1]
+    if above:
+        tags[schema.TAG_ROOFLINE_WARNING] = (
+            f"{len(above)} of {len(result.samples)} samples decode faster than the bandwidth floor allows (up to "
+            f"{max(above):.3f}): the floor's bytes or bandwidth are wrong for this run"
+        )
+    return tags
+
+
+def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
+    """Metrics, tags and generated texts of a finished job."""
+    from mlflow.entities import RunTag
+
+    client = _client()
+    metrics = _metrics_of(job, result)
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _tags_of(result).items()])
+    fields = ("prompt_tokens", "new_tokens", "generate_s", "ttft_ms", "decode_ms_per_token", "e2e_tokens_per_s")
     rows = [
         {"prompt_index": s.prompt_index, "repetition": s.repetition, "prompt": s.prompt, "output": s.output}
-        | {n: getattr(s.timing, n) for n in TOKEN_METRICS + TIMING_METRICS}
+        | {n: getattr(s.timing, n) for n in fields}
         for s in result.samples
     ]
     client.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "generations.jsonl")
@@ -200,18 +234,9 @@ def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
 
 
 def start_sweep_run(experiment: str, name: str, sweep_dir: Path) -> str:
-    """The parent run of a sweep; its id goes to a file in the sweep folder for every job, in
-    this process or another (joblib, SLURM)."""
-    client = _client()
-    run = client.create_run(experiment_id(experiment), run_name=name, tags={"falcon_exp.sweep_dir": str(sweep_dir)})
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
+    """The parent run of a sweep."""
+    run = _client().create_run(experiment_id(experiment), run_name=name, tags={schema.TAG_SWEEP_DIR: str(sweep_dir)})
     return run.info.run_id
-
-
-def sweep_parent_run_id(sweep_dir: Path) -> str | None:
-    path = sweep_dir / PARENT_RUN_FILE
-    return path.read_text().strip() if path.is_file() else None
 
 
 def end_sweep_run(parent_run_id: str) -> list:
@@ -228,21 +253,23 @@ def end_sweep_run(parent_run_id: str) -> list:
 
 
 def print_summary(children: list) -> None:
-    """A compact table of a sweep's runs, and the command that opens the UI."""
+    """A table of a sweep's runs (names never cut), and the command that opens the UI."""
+    nan = float("nan")
     names = [(run.info.run_name or run.info.run_id).split(",") for run in children]
     common = set.intersection(*map(set, names)) if names else set()
-    header = f"{'mode':<6} {'job':<28} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'tokens/s':>9}"
+    jobs = [",".join(part for part in name if part not in common) or ",".join(name) for name in names]
+    width = max([len("job"), *map(len, jobs)])
+    header = f"{'mode':<6} {'job':<{width}} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'decode tok/s':>12}"
     lines = [header, "-" * len(header)]
-    for run, name in zip(children, names):
+    for run, job in zip(children, jobs):
         m = run.data.metrics
-        peak = m.get("memory/peak_allocated_gb", m.get("memory/peak_rss_gb", float("nan")))
-        job = ",".join(part for part in name if part not in common)[:28]
+        peak = m.get(schema.PEAK_ALLOCATED_GB, m.get(schema.PEAK_RSS_GB, nan))
         lines.append(
-            f"{run.data.params.get('mode', '?'):<6} {job:<28} {run.info.status:<9} "
-            f"{m.get('memory/weights_gb', float('nan')):>10.3f} {peak:>8.3f} "
-            f"{m.get('time/decode_ms_per_token', float('nan')):>9.1f} {m.get('time/tokens_per_s', float('nan')):>9.2f}"
+            f"{run.data.params.get('mode', '?'):<6} {job:<{width}} {run.info.status:<9} "
+            f"{m.get(schema.WEIGHTS_GB, nan):>10.3f} {peak:>8.3f} "
+            f"{m.get(schema.DECODE_MS_PER_TOKEN, nan):>9.1f} {m.get(schema.DECODE_TOKENS_PER_S, nan):>12.2f}"
         )
-    lines.append("peak_gb: allocator peak summed over GPUs, or the process's peak resident memory on a CPU")
+    lines.append("peak_gb: allocator peak (a sum of per-GPU peaks), or the process's peak resident memory on a CPU")
     uri = tracking_uri()
     lines.append(f"runs are in {uri}; compare them with: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), file=sys.stderr, flush=True)

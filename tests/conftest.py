@@ -73,3 +73,27 @@ def runs_of(uri: str, experiment: str = "falcon-exp"):
     assert found is not None, f"no experiment {experiment} in {uri}"
     runs = client.search_runs([found.experiment_id], max_results=1000)
     return sorted(runs, key=lambda r: r.info.start_time), client
+
+
+def save_tiny_falcon(path: Path, seed: int = 0, quantization=None, eos_token_id: int | None = None) -> Path:
+    """A local tiny-Falcon checkpoint directory as users have them: weights (bf16, or quantized by
+    bitsandbytes when `quantization` is a QuantizationConfig), config, tokenizer."""
+    import shutil
+
+    import torch
+    from transformers.models.falcon.modeling_falcon import FalconForCausalLM
+
+    from falcon_exp.models import architecture_config, synthetic_state_dict, synthetic_tokenizer_dir
+    from falcon_exp.quantization import bnb_config, quantizable_linears
+
+    config = architecture_config("tiny-falcon")
+    state = synthetic_state_dict(config, seed, torch.bfloat16, True)
+    with quantizable_linears():
+        model = FalconForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch.bfloat16, device_map="cpu",
+                                                  quantization_config=bnb_config(quantization) if quantization else None)
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(synthetic_tokenizer_dir() / name, path / name)
+    return path

@@ -59,8 +59,8 @@ def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store):
     assert len(table) == len(by_config) == 4
     for row in table.to_dict("records"):
         logged = by_config[(row["mode"], row["max_length"])]
-        for key in ("memory/weights_gb", "time/decode_ms_per_token", "time/decode_ms_per_token.p25", "time/ttft_ms",
-                    "time/tokens_per_s", "time/generate_s.p75"):
+        for key in ("memory/weights_gb", "time/decode_ms_per_token", "time/decode_ms_per_token.rep_std", "time/ttft_ms",
+                    "time/e2e_tokens_per_s", "time/decode_tokens_per_s", "time/generate_s.rep_std"):
             assert row[key] == logged[key], key
         assert row["memory/peak_gb"] == logged["memory/peak_rss_gb"]
         reference = by_config[("int8", row["max_length"])]
@@ -124,3 +124,23 @@ def test_unknown_experiment_is_one_line(tmp_path, sweep_store):
     assert done.returncode == 2
     assert done.stderr.strip().startswith(f"falcon-exp: error: experiment 'nope' is not in {sweep_store}; it has: ")
     assert "falcon-exp" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):
+    """`time/tokens_per_s` (end-to-end, prefill included) is `time/e2e_tokens_per_s` now."""
+    from mlflow import MlflowClient
+
+    from falcon_exp.analysis.load import load
+
+    uri = f"sqlite:///{tmp_path}/old.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("falcon-exp"), run_name="bits=4")
+    client.log_param(run.info.run_id, "mode", "nf4")
+    for key, value in {"time/decode_ms_per_token": 20.0, "time/generate_s": 1.0, "memory/weights_gb": 0.1,
+                       "time/tokens_per_s": 16.0, "sample/time/generate_s": 1.0, "sample/time/decode_ms_per_token": 20.0,
+                       "sample/time/tokens_per_s": 16.0}.items():
+        client.log_metric(run.info.run_id, key, value, step=0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    loaded = load(uri, sweep=None)
+    assert loaded.runs.loc[0, "time/e2e_tokens_per_s"] == 16.0 and "time/tokens_per_s" not in loaded.runs
+    assert loaded.samples.loc[0, "sample/time/e2e_tokens_per_s"] == 16.0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
-from conftest import QUICK, REPO, run_cli, runs_of
+from conftest import QUICK, REPO, run_cli, runs_of, save_tiny_falcon
 
 
 def test_sweep_4_8_16_leaves_a_parent_and_three_finished_children(tmp_path, store, two_prompts):
@@ -23,16 +24,32 @@ def test_sweep_4_8_16_leaves_a_parent_and_three_finished_children(tmp_path, stor
         assert child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
         assert f"bits={bits}" in child.info.run_name
         assert child.data.tags["falcon_exp.quantization_realised"] == {4: "4bit", 8: "8bit", 16: "none"}[bits]
-        for key in ("time/generate_s", "time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s",
-                    "time/decode_ms_per_token.p25", "memory/weights_gb", "memory/peak_rss_gb", "tokens/new_tokens_total"):
-            assert key in child.data.metrics, key
-        assert child.data.metrics["tokens/new_tokens_total"] == 2 * 2 * 6  # prompts x repetitions x forced tokens
+        metrics = child.data.metrics
+        for key in ("time/generate_s", "time/ttft_ms", "time/decode_ms_per_token", "time/e2e_tokens_per_s",
+                    "time/decode_ms_per_token.rep_std", "memory/weights_gb", "memory/peak_rss_gb", "tokens/new_tokens_total"):
+            assert key in metrics, key
+        assert not [k for k in metrics if k.endswith((".p25", ".p75", ".std")) or k == "time/tokens_per_s"]
+        assert metrics["tokens/new_tokens_total"] == 2 * 2 * 6  # prompts x repetitions x forced tokens
+        assert metrics["tokens/warmup_tokens_total"] == 2 * 6  # the warm-up ran every prompt at full length
         assert child.data.params["quantization.quant_type"] == "nf4"
         assert child.data.tags["falcon_exp.decode_path"] == "eager" and "falcon_exp.fast_fallback" not in child.data.tags
-        assert 0 < child.data.metrics["roofline_fraction"] < 1 and child.data.metrics["roofline/copy_bandwidth_gbs"] > 0
+        assert 0 < metrics["roofline_fraction"] < 1 and metrics["roofline/read_bandwidth_gbs"] > 0 and metrics["roofline/copy_bandwidth_gbs"] > 0
         assert child.data.tags["git.commit"] and child.data.tags["version.bitsandbytes"] != "absent"
-        history = client.get_metric_history(child.info.run_id, "sample/time/generate_s")
-        assert sorted(m.step for m in history) == [0, 1, 2, 3]
+        assert child.data.tags["cpu.capability"] and int(child.data.tags["cpu.cores"]) >= 1 and "cpu_count" not in child.data.tags
+        assert ("falcon_exp.bnb_cpu_kernel" in child.data.tags) == (bits != 16)
+        samples = {key: [m.value for m in sorted(client.get_metric_history(child.info.run_id, f"sample/{key}"), key=lambda m: m.step)]
+                   for key in ("time/decode_ms_per_token", "time/generate_s", "time/e2e_tokens_per_s", "tokens/new_tokens",
+                               "roofline/floor_ms_per_token", "roofline_fraction")}
+        assert len(samples["time/generate_s"]) == 4  # steps 0..3: prompt_index * repetitions + repetition
+        decode = samples["time/decode_ms_per_token"]
+        # the spread is between the repetitions of a prompt (steps 0, 1 and 2, 3), then the median over prompts
+        assert metrics["time/decode_ms_per_token.rep_std"] == pytest.approx(
+            statistics.median([statistics.stdev(decode[0:2]), statistics.stdev(decode[2:4])]), rel=1e-12)
+        assert metrics["time/decode_tokens_per_s"] == pytest.approx(1000 / metrics["time/decode_ms_per_token"], rel=1e-12)
+        for new, seconds, rate in zip(samples["tokens/new_tokens"], samples["time/generate_s"], samples["time/e2e_tokens_per_s"]):
+            assert rate == pytest.approx(new / seconds, rel=1e-12)  # the end-to-end rate counts the prefill's time
+        for floor, ms, fraction in zip(samples["roofline/floor_ms_per_token"], decode, samples["roofline_fraction"]):
+            assert fraction == pytest.approx(floor / ms, rel=1e-12)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"generations.jsonl", "generations.json", "config", "hydra"} <= artifacts
         rows = [json.loads(line) for line in open(client.download_artifacts(child.info.run_id, "generations.jsonl", str(tmp_path / child.info.run_id)))]
@@ -96,17 +113,7 @@ def test_a_failing_job_is_logged_failed_and_the_sweep_goes_on(tmp_path, store, t
     """A local checkpoint loads; a copy with corrupt weights fails at load time."""
     import shutil
 
-    import torch
-    from transformers.models.falcon.modeling_falcon import FalconForCausalLM
-
-    from falcon_exp.models import architecture_config, synthetic_state_dict, synthetic_tokenizer_dir
-
-    config = architecture_config("tiny-falcon")
-    model = FalconForCausalLM.from_pretrained(None, config=config, state_dict=synthetic_state_dict(config, 0, torch.bfloat16, True))
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    model.save_pretrained(good)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(synthetic_tokenizer_dir() / name, good / name)
+    good, bad = save_tiny_falcon(tmp_path / "good"), tmp_path / "bad"
     shutil.copytree(good, bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     args = [a for a in QUICK if not a.startswith("model=")]

@@ -15,3 +15,25 @@ def test_the_commit_comes_from_git_unless_the_environment_names_one(monkeypatch)
     # a copied tree whose .git is stale: the commit its runner names is the one that ran
     monkeypatch.setenv("FALCON_EXP_GIT_COMMIT", "0192655")
     assert describe("cpu")["git.commit"] == "0192655" and describe("cpu")["git.dirty"] == "unknown"
+
+
+def test_an_untracked_file_makes_the_tree_dirty(monkeypatch):
+    """A new module beside the package changes what runs as surely as an edited one."""
+    monkeypatch.delenv("FALCON_EXP_GIT_COMMIT", raising=False)
+    extra = REPO / "falcon_exp" / "_untracked_by_test.py"
+    extra.write_text("# made by tests/test_environment.py\n")
+    try:
+        assert describe("cpu")["git.dirty"] == "true"
+    finally:
+        extra.unlink()
+
+
+def test_cpu_tags_name_what_they_hold():
+    import os
+
+    import torch
+
+    tags = describe("cpu")
+    assert tags["torch.threads"] == str(torch.get_num_threads()) and "cpu_count" not in tags
+    assert int(tags["cpu.cores"]) == len(os.sched_getaffinity(0))
+    assert tags["cpu.capability"] == torch.backends.cpu.get_cpu_capability()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from falcon_exp.decode import EagerDecoder
-from falcon_exp.measure import MemoryProbe, summarize, timed_generate
+from falcon_exp import measure
+from falcon_exp.measure import MemoryProbe, median, repetition_std, timed_generate
 from falcon_exp.quantization import quantizable_linears
 
 
@@ -33,7 +34,7 @@ def test_forced_length_generates_exactly_the_asked_tokens_and_times_them(tiny_mo
     assert 0 < timing.ttft_ms < timing.generate_s * 1e3
     # first token, then 11 decode steps: their sum cannot exceed the whole call
     assert timing.ttft_ms + 11 * timing.decode_ms_per_token <= timing.generate_s * 1e3 + 1e-6
-    assert timing.tokens_per_s == pytest.approx(12 / timing.generate_s)
+    assert timing.e2e_tokens_per_s == pytest.approx(12 / timing.generate_s)
 
 
 def test_greedy_generation_is_deterministic(tiny_model):
@@ -47,13 +48,14 @@ def test_one_new_token_has_no_decode_time(tiny_model):
     assert timing.new_tokens == 1 and math.isnan(timing.decode_ms_per_token)
 
 
-def test_summarize_median_quartiles_spread():
-    stats = summarize([4.0, 1.0, 3.0, 2.0, float("nan")])
-    assert stats["median"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 4.0
-    assert stats["p25"] == 1.75 and stats["p75"] == 3.25
-    assert stats["std"] == pytest.approx(1.2909944, rel=1e-6)
-    assert summarize([7.0]) == {"median": 7.0, "mean": 7.0, "std": 0.0, "p25": 7.0, "p75": 7.0, "min": 7.0, "max": 7.0}
-    assert summarize([float("nan")]) == {}
+def test_the_spread_is_between_repetitions_not_between_prompts():
+    """Two prompts of very different lengths, each timed twice: the pooled spread would be the
+    prompts' difference (~90); the spread between repetitions is each prompt's own noise."""
+    by_prompt = {0: [10.0, 12.0], 1: [100.0, 101.0], 2: [50.0, float("nan")]}
+    stdevs = [math.sqrt(2), math.sqrt(0.5)]  # sample std of (10, 12) and of (100, 101); prompt 2 has one value
+    assert repetition_std(by_prompt) == pytest.approx(sum(stdevs) / 2)
+    assert repetition_std({0: [3.0], 1: [4.0]}) is None  # one repetition: no spread to report
+    assert median([4.0, 1.0, float("nan"), 2.0]) == 2.0 and median([float("nan")]) is None
 
 
 def test_host_peak_memory_sees_an_allocation_after_reset():
@@ -61,16 +63,26 @@ def test_host_peak_memory_sees_an_allocation_after_reset():
     code = (
         "import torch\n"
         "from falcon_exp.measure import MemoryProbe\n"
-        "probe = MemoryProbe('cpu')\n"
+        "probe = MemoryProbe([])\n"
         "probe.reset()\n"
-        "before = probe.read()['peak_rss_gb']\n"
+        "before = probe.read()['memory/peak_rss_gb']\n"
         "block = torch.ones(200 * 1024 * 1024, dtype=torch.uint8)\n"
         "del block\n"
-        "after = probe.read()['peak_rss_gb']\n"
+        "after = probe.read()['memory/peak_rss_gb']\n"
         "probe.reset()\n"
-        "print(before, after, probe.read()['peak_rss_gb'])\n"
+        "print(before, after, probe.read()['memory/peak_rss_gb'])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     before, after, reset = map(float, done.stdout.split())
     assert after - before > 0.2  # the freed 210 MB block still counts in the peak
     assert reset < after - 0.2  # and a reset forgets it
+
+
+def test_a_host_peak_that_cannot_be_reset_is_not_logged_as_the_generations_peak(tmp_path, monkeypatch):
+    """Without a reset the high-water mark holds the whole process's past (the model's load, say):
+    the probe says why and gives no figure, rather than a peak that is not this generation's."""
+    monkeypatch.setattr(measure, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    probe = MemoryProbe([])
+    probe.reset()
+    assert "peak_rss_gb" not in str(probe.read())
+    assert "could not be reset" in probe.unmeasured["memory/peak_rss_gb"]

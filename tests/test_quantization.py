@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
 
-from falcon_exp.config import QuantizationConfig
+from falcon_exp.config import ConfigError, QuantizationConfig
 from falcon_exp.models import architecture_config, synthetic_state_dict
-from falcon_exp.quantization import QuantizationNotRealised, bnb_config, inspect, quantizable_linears, verify
+from falcon_exp.quantization import (QuantizationNotRealised, bnb_config, differences, from_checkpoint_config, inspect,
+                                     quantizable_linears, verify)
 
 
 def load_falcon(quant: QuantizationConfig, make_quantizable: bool = True, **shape):
@@ -39,7 +40,7 @@ def test_transformers_alone_leaves_falcon_unquantized_and_verify_refuses_it():
     """The silent failure of REFERENCE.md: FalconLinear is not exactly nn.Linear."""
     model = load_falcon(QuantizationConfig(bits=4), make_quantizable=False)
     assert inspect(model).realised == "none"
-    with pytest.raises(QuantizationNotRealised, match="asked for bits=4 but the model loaded as none"):
+    with pytest.raises(QuantizationNotRealised, match="layer asked Linear4bit, found FalconLinear in 16 of 16 linear layers"):
         verify(model, QuantizationConfig(bits=4))
 
 
@@ -75,5 +76,66 @@ def test_bnb_config_carries_every_knob():
 def test_verify_refuses_a_partly_quantized_model():
     model = load_falcon(QuantizationConfig(bits=8))
     model.transformer.h[0].mlp.dense_h_to_4h = torch.nn.Linear(256, 1024)
-    with pytest.raises(QuantizationNotRealised, match="only 15 of the 16 linear layers"):
+    with pytest.raises(QuantizationNotRealised, match="layer asked Linear8bitLt, found Linear in 1 of 16 linear layers"):
         verify(model, QuantizationConfig(bits=8))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Pre-quantized checkpoints as users download them: nf4 with nested quantization, and
+    LLM.int8 with an outlier threshold of 3."""
+    root = tmp_path_factory.mktemp("prequantized")
+    load_falcon(QuantizationConfig(bits=4, double_quant=True)).save_pretrained(root / "nf4-double")
+    load_falcon(QuantizationConfig(bits=8, int8_threshold=3.0)).save_pretrained(root / "int8-t3")
+    return root
+
+
+def load_checkpoint(path, quant: QuantizationConfig):
+    from transformers import AutoModelForCausalLM
+
+    with quantizable_linears():
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu")
+
+
+@pytest.mark.parametrize("checkpoint, asked, message", [
+    ("nf4-double", QuantizationConfig(bits=4, quant_type="fp4"), "quant_type asked fp4, found nf4 in 16 of 16 linear layers; also double_quant"),
+    ("nf4-double", QuantizationConfig(bits=4, double_quant=False), "double_quant asked False, found True in 16 of 16"),
+    ("nf4-double", QuantizationConfig(bits=4, double_quant=True, compute_dtype="float32"), "compute_dtype asked float32, found bfloat16"),
+    ("int8-t3", QuantizationConfig(bits=8), "int8_threshold asked 6.0, found 3.0 in 16 of 16"),
+    ("int8-t3", QuantizationConfig(bits=4), "layer asked Linear4bit, found Linear8bitLt"),
+])
+def test_a_checkpoints_own_quantization_is_found_layer_by_layer(saved, checkpoint, asked, message):
+    """transformers loads a checkpoint's own quantization_config and ignores the request (with a
+    warning only); verify compares what the layers hold with what was asked."""
+    model = load_checkpoint(saved / checkpoint, asked)
+    with pytest.raises(QuantizationNotRealised, match=message):
+        verify(model, asked)
+
+
+def test_what_a_checkpoint_holds_passes_as_asked(saved):
+    asked = QuantizationConfig(bits=4, double_quant=True)
+    assert verify(load_checkpoint(saved / "nf4-double", asked), asked).realised == "4bit"
+    asked = QuantizationConfig(bits=8, int8_threshold=3.0)
+    assert verify(load_checkpoint(saved / "int8-t3", asked), asked).realised == "8bit"
+
+
+def test_a_bitsandbytes_layer_holding_unquantized_weights_does_not_pass():
+    """A Linear4bit whose weight was never quantized (no quant_state, bf16 storage) is a
+    bitsandbytes class in name only."""
+    model = load_falcon(QuantizationConfig(bits=4))
+    model.transformer.h[0].mlp.dense_h_to_4h = bnb.nn.Linear4bit(256, 1024, bias=False, compute_dtype=torch.bfloat16,
+                                                                 quant_type="nf4")
+    with pytest.raises(QuantizationNotRealised, match="weight dtype asked uint8, found float32 in 1 of 16"):
+        verify(model, QuantizationConfig(bits=4))
+
+
+def test_the_checkpoints_own_settings_are_read_as_a_request():
+    four = from_checkpoint_config({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                   "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}, "ckpt")
+    assert (four.bits, four.quant_type, four.compute_dtype, four.double_quant, four.from_checkpoint) == (4, "nf4", "bfloat16", True, True)
+    eight = from_checkpoint_config({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 3.0}, "ckpt")
+    assert (eight.bits, eight.int8_threshold) == (8, 3.0)
+    assert differences(QuantizationConfig(bits=4, quant_type="fp4"), four) == [
+        "quantization.quant_type asked fp4, found nf4", "quantization.double_quant asked False, found True"]
+    with pytest.raises(ConfigError, match="holds gptq weights"):
+        from_checkpoint_config({"quant_method": "gptq", "bits": 4}, "ckpt")

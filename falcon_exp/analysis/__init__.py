@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from falcon_exp import schema
 from falcon_exp.analysis import figures, tables
 from falcon_exp.analysis.load import Loaded, load
 
@@ -19,7 +20,7 @@ def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | No
     flat = out / "results.csv"
     tables.results(loaded.runs).to_csv(flat, index=False, float_format="%.10g", lineterminator="\n")
     written.append(flat)
-    if "roofline_fraction" in loaded.runs:
+    if schema.ROOFLINE_FRACTION in loaded.runs:
         decode = out / "roofline.csv"
         tables.roofline(loaded.runs).to_csv(decode, index=False, float_format="%.10g", lineterminator="\n")
         written.append(decode)

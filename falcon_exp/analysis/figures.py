@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from falcon_exp.analysis.tables import MODE_ORDER, ordered, peak_memory  # noqa: E402
+from falcon_exp import schema  # noqa: E402
+from falcon_exp.analysis.tables import MODE_ORDER, column, ordered, peak_memory  # noqa: E402
 
 STYLE = {
     "font.family": "DejaVu Sans",
@@ -56,14 +57,14 @@ def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
     """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
     mode (the median), error bars spanning the repetitions (min to max)."""
     data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
-    data = data.assign(**{"peak GB": peak_memory(data, "sample/memory/"), "prompt": data["prompt_index"] + 1})
+    data = data.assign(**{"peak GB": peak_memory(data, schema.SAMPLE), "prompt": data["prompt_index"] + 1})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
-    for axis, column, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], "sample/time/generate_s", "generate s (per prompt)")):
-        sns.barplot(data=data, x="prompt", y=column, hue="config", hue_order=order, estimator="median",
+    for axis, key, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], schema.sample(schema.GENERATE_S), "generate s (per prompt)")):
+        sns.barplot(data=data, x="prompt", y=key, hue="config", hue_order=order, estimator="median",
                     errorbar=("pi", 100), ax=axis, capsize=0.1, err_kws={"linewidth": 1})
         axis.set_title(title)
-        axis.set_ylabel(column.split("/")[-1])
+        axis.set_ylabel(key.split("/")[-1])
     axes[0].get_legend().remove()
     sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1, 1), title=None)
     figure.suptitle("Memory and time per prompt (median; bars: min to max over repetitions)")
@@ -72,19 +73,16 @@ def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
 
 def tradeoff(runs, keys, directory) -> list[Path]:
     """Peak memory against decode time per token: one point per configuration."""
+    decode = schema.DECODE_MS_PER_TOKEN
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = plt.subplots(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x="peak", y="time/decode_ms_per_token", hue="mode", hue_order=_modes(runs), s=70, ax=axis)
-    axis.errorbar(
-        runs["peak"], runs["time/decode_ms_per_token"],
-        yerr=[runs["time/decode_ms_per_token"] - runs["time/decode_ms_per_token.p25"],
-              runs["time/decode_ms_per_token.p75"] - runs["time/decode_ms_per_token"]],
-        fmt="none", ecolor="grey", elinewidth=1, capsize=3,
-    )
+    sns.scatterplot(data=runs, x="peak", y=decode, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
+    axis.errorbar(runs["peak"], runs[decode], yerr=column(runs, decode + schema.REP_STD).fillna(0),
+                  fmt="none", ecolor="grey", elinewidth=1, capsize=3)
     for _, row in runs.iterrows():
-        axis.annotate(row["config"], (row["peak"], row["time/decode_ms_per_token"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        axis.annotate(row["config"], (row["peak"], row[decode]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel(PEAK_LABEL)
-    axis.set_ylabel("decode ms/token (median, IQR)")
+    axis.set_ylabel("decode ms/token (median; bars: ± std between repetitions)")
     axis.set_title("Memory against speed")
     return _save(figure, directory, "tradeoff")
 
@@ -95,7 +93,7 @@ def latency_per_prompt(runs, samples, keys, directory) -> list[Path]:
     data = data.assign(prompt=data["prompt_index"] + 1)
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
     figure, axis = plt.subplots(figsize=(7, 4))
-    sns.pointplot(data=data, x="prompt", y="sample/time/decode_ms_per_token", hue="config", hue_order=order,
+    sns.pointplot(data=data, x="prompt", y=schema.sample(schema.DECODE_MS_PER_TOKEN), hue="config", hue_order=order,
                   estimator="median", errorbar=("pi", 100), dodge=0.3, capsize=0.1, linestyle="none", ax=axis)
     axis.set_ylabel("decode ms/token")
     axis.set_title("Per-prompt decode latency (median; bars: min to max over repetitions)")
@@ -107,9 +105,9 @@ def time_vs_max_length(runs, samples, directory) -> list[Path]:
     """End-to-end time per prompt against max_length, a line per mode."""
     data = samples.merge(runs[["run_id", "mode", "max_length"]], on="run_id")
     figure, axis = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=data, x="max_length", y="sample/time/generate_s", hue="mode", hue_order=_modes(runs),
+    sns.lineplot(data=data, x="max_length", y=schema.sample(schema.GENERATE_S), hue="mode", hue_order=_modes(runs),
                  marker="o", estimator="median", errorbar=("pi", 50), ax=axis)
-    axis.set_ylabel("generate s per prompt (median, IQR band)")
+    axis.set_ylabel("generate s per prompt (median; band: IQR over prompts x repetitions)")
     axis.set_title("Time against max_length")
     return _save(figure, directory, "time_vs_max_length")
 
@@ -117,16 +115,16 @@ def time_vs_max_length(runs, samples, directory) -> list[Path]:
 def quality_vs_memory(runs, keys, metric, directory) -> list[Path]:
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = plt.subplots(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x="memory/weights_gb", y=metric, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
+    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
     for _, row in runs.iterrows():
-        axis.annotate(row["config"], (row["memory/weights_gb"], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        axis.annotate(row["config"], (row[schema.WEIGHTS_GB], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel("weights GB")
     axis.set_ylabel(metric)
     axis.set_title("Quality against memory")
     return _save(figure, directory, "quality_vs_memory")
 
 
-QUALITY_METRICS = ("quality/kl_mean", "quality/perplexity")
+QUALITY_METRICS = (schema.KL_MEAN, schema.perplexity_ratio("en"))
 
 
 def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:

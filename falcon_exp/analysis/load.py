@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-REQUIRED_METRICS = ("time/decode_ms_per_token", "time/generate_s", "memory/weights_gb", "sample/time/generate_s",
-                    "sample/time/decode_ms_per_token", "sample/memory/peak_rss_gb")
-TAGS = ("falcon_exp.model", "falcon_exp.weights", "falcon_exp.device", "device.name", "falcon_exp.model_reused",
-        "falcon_exp.decode_path", "falcon_exp.fast_fallback", "git.commit")
+from falcon_exp import schema
+
+REQUIRED_METRICS = (schema.DECODE_MS_PER_TOKEN, schema.GENERATE_S, schema.WEIGHTS_GB, schema.sample(schema.GENERATE_S),
+                    schema.sample(schema.DECODE_MS_PER_TOKEN))
+TAGS = (schema.TAG_MODEL, schema.TAG_WEIGHTS, schema.TAG_DEVICE, schema.TAG_DEVICE_NAME, schema.TAG_MODEL_REUSED,
+        schema.TAG_DECODE_PATH, schema.TAG_FAST_FALLBACK, schema.TAG_GIT_COMMIT, schema.TAG_UNMEASURED, schema.TAG_ROOFLINE_WARNING)
 
 
 @dataclass
@@ -69,7 +71,8 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
     rows, sample_rows, skipped = [], [], []
     for run in sorted(found, key=lambda r: (r.info.start_time, r.info.run_id)):
         name = run.info.run_name or run.info.run_id
-        missing = [m for m in REQUIRED_METRICS if m not in run.data.metrics]
+        metrics = {schema.RENAMED.get(k, k): v for k, v in run.data.metrics.items()}
+        missing = [m for m in REQUIRED_METRICS if m not in metrics]
         if run.info.status != "FINISHED" or missing:
             why = f"status {run.info.status}" if run.info.status != "FINISHED" else f"no {', '.join(missing)}"
             skipped.append(f"{name} ({run.info.run_id}): {why}")
@@ -77,13 +80,13 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
         row = {"run_id": run.info.run_id, "run_name": name, "start_time": run.info.start_time}
         row |= {k: _number(v) for k, v in run.data.params.items()}
         row |= {k: run.data.tags[k] for k in TAGS if k in run.data.tags}
-        row |= {k: v for k, v in run.data.metrics.items() if not k.startswith("sample/")}
+        row |= {k: v for k, v in metrics.items() if not k.startswith(schema.SAMPLE)}
         rows.append(row)
         repetitions = int(run.data.params.get("repetitions", 1))
         per_step: dict[int, dict] = {}
-        for key in sorted(k for k in run.data.metrics if k.startswith("sample/")):
+        for key in sorted(k for k in run.data.metrics if k.startswith(schema.SAMPLE)):
             for point in client.get_metric_history(run.info.run_id, key):
-                per_step.setdefault(point.step, {})[key] = point.value
+                per_step.setdefault(point.step, {})[schema.RENAMED.get(key, key)] = point.value
         for step, values in sorted(per_step.items()):
             sample_rows.append(
                 {"run_id": run.info.run_id, "prompt_index": step // repetitions, "repetition": step % repetitions} | values

@@ -1,5 +1,5 @@
 """The comparison table: a row per run (mode and what the sweep varied), the logged metrics as
-they are, their spread over repetitions, and ratios against a reference mode."""
+they are, the spread between repetitions, and ratios against a reference mode."""
 
 from __future__ import annotations
 
@@ -7,25 +7,31 @@ from pathlib import Path
 
 import pandas as pd
 
-# (metric key, column title); each timing column gets its [p25, p75] from the logged spread.
+from falcon_exp import schema
+
+PEAK_GB = "memory/peak_gb"  # the analysis' own column: allocator peak where there was a GPU, else host RSS
+# (metric key, column title); a timing column is shown as "median ± spread between repetitions".
 COLUMNS = (
-    ("memory/weights_gb", "weights GB"),
-    ("memory/peak_gb", "peak GB"),
-    ("time/ttft_ms", "TTFT ms"),
-    ("time/decode_ms_per_token", "decode ms/token"),
-    ("time/tokens_per_s", "tokens/s"),
-    ("time/generate_s", "generate s"),
+    (schema.WEIGHTS_GB, "weights GB"),
+    (PEAK_GB, "peak GB"),
+    (schema.TTFT_MS, "TTFT ms"),
+    (schema.DECODE_MS_PER_TOKEN, "decode ms/token"),
+    (schema.DECODE_TOKENS_PER_S, "decode tokens/s"),
+    (schema.E2E_TOKENS_PER_S, "end-to-end tokens/s"),
+    (schema.GENERATE_S, "generate s"),
 )
 # Quality columns, shown where the runs logged them.
 QUALITY = (
-    ("quality/kl_mean", "KL vs ref"),
-    ("quality/top1_agreement", "top-1 agree"),
-    ("quality/greedy_match", "greedy match"),
-    ("quality/perplexity_en", "ppl en"),
-    ("quality/perplexity_zh", "ppl zh"),
+    (schema.KL_MEAN, "KL vs ref"),
+    (schema.TOP1_AGREEMENT, "top-1 agree"),
+    (schema.GREEDY_MATCH, "greedy match"),
+    (schema.perplexity("en"), "ppl en"),
+    (schema.perplexity("zh"), "ppl zh"),
 )
-SPREAD = ("time/ttft_ms", "time/decode_ms_per_token", "time/tokens_per_s", "time/generate_s")
-RATIOS = ("memory/weights_gb", "memory/peak_gb", "time/decode_ms_per_token")
+SPREAD = (schema.TTFT_MS, schema.DECODE_MS_PER_TOKEN, schema.E2E_TOKENS_PER_S, schema.GENERATE_S)
+SPREAD_NOTE = ("Timing columns: median over prompts x repetitions ± the spread between repetitions "
+               "(each prompt's standard deviation over its repetitions, median over prompts; none with one repetition).")
+RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
 KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
         "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
@@ -37,11 +43,10 @@ def column(frame: pd.DataFrame, key: str, default=float("nan")) -> pd.Series:
     return frame.get(key, pd.Series(default, index=frame.index))
 
 
-def peak_memory(frame: pd.DataFrame, prefix: str = "memory/") -> pd.Series:
+def peak_memory(frame: pd.DataFrame, prefix: str = "") -> pd.Series:
     """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS;
-    of runs (`memory/...`) or of samples (`sample/memory/...`)."""
-    gpu = column(frame, f"{prefix}peak_allocated_gb")
-    return gpu.fillna(frame[f"{prefix}peak_rss_gb"])
+    of runs (prefix "") or of samples (prefix `sample/`). NaN where neither was measured."""
+    return column(frame, prefix + schema.PEAK_ALLOCATED_GB).fillna(column(frame, prefix + schema.PEAK_RSS_GB))
 
 
 def varying(runs: pd.DataFrame) -> list[str]:
@@ -72,12 +77,12 @@ def reference_mode(runs: pd.DataFrame) -> str | None:
 
 def comparison(runs: pd.DataFrame) -> pd.DataFrame:
     """Numbers exactly as logged (medians and quartiles), plus ratios to the reference mode."""
-    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     keys = varying(runs)
-    table = runs[keys + [c for c, _ in COLUMNS] + [c for c, _ in QUALITY if c in runs]].copy()
+    table = pd.DataFrame({key: column(runs, key) for key in keys + [c for c, _ in COLUMNS]})
+    table = table.join(runs[[c for c, _ in QUALITY if c in runs]])
     for key in SPREAD:
-        for q in ("p25", "p75"):
-            table[f"{key}.{q}"] = runs[f"{key}.{q}"] if f"{key}.{q}" in runs else float("nan")
+        table[key + schema.REP_STD] = column(runs, key + schema.REP_STD)
     reference = reference_mode(runs)
     if reference is not None:  # each run against the reference run of the same other settings
         on = ["_join"] + [k for k in keys if k not in ("mode", "bits")]
@@ -90,15 +95,13 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """For Markdown and LaTeX: medians with their [p25, p75], three significant places."""
-    shown = table[[c for c in table if not c.endswith((".p25", ".p75"))]].copy()
+    """For Markdown and LaTeX: medians ± the spread between repetitions, four significant places."""
+    shown = table[[c for c in table if not c.endswith(schema.REP_STD)]].copy()
     for key, title in COLUMNS:
         if key in SPREAD:
-            shown[key] = [
-                f"{m:.4g} [{lo:.4g}, {hi:.4g}]" for m, lo, hi in zip(table[key], table[f"{key}.p25"], table[f"{key}.p75"])
-            ]
+            shown[key] = [f"{m:.4g}" + ("" if pd.isna(sd) else f" ± {sd:.2g}") for m, sd in zip(table[key], table[key + schema.REP_STD])]
         else:
-            shown[key] = table[key].map(lambda v: f"{v:.4g}")
+            shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
         shown = shown.rename(columns={key: title})
     for key, title in QUALITY:
         if key in shown:
@@ -114,8 +117,8 @@ def write(table: pd.DataFrame, directory: Path, stem: str = "comparison") -> lis
     paths = [directory / f"{stem}.{suffix}" for suffix in ("csv", "md", "tex")]
     table.to_csv(paths[0], index=False, float_format="%.10g", lineterminator="\n")
     shown = _formatted(table)
-    paths[1].write_text(_markdown(shown))
-    paths[2].write_text(shown.to_latex(index=False, escape=True))
+    paths[1].write_text(_markdown(shown) + "\n" + SPREAD_NOTE + "\n")
+    paths[2].write_text(shown.to_latex(index=False, escape=True, caption=SPREAD_NOTE))
     return paths
 
 
@@ -138,28 +141,30 @@ RESULT_COLUMNS = {
     "max_length": "max_length",
     "force_length": "force_length",
     "repetitions": "repetitions",
-    "memory/weights_gb": "weights_gb",
-    "memory/peak_gb": "peak_memory_gb",
-    "memory/peak_reserved_gb": "peak_reserved_gb",
-    "time/decode_ms_per_token": "ms_per_token",
-    "time/ttft_ms": "ttft_ms",
-    "time/tokens_per_s": "tokens_per_s",
-    "time/generate_s": "generate_s",
-    "tokens/new_tokens_total": "new_tokens_total",
-    "time/load_s": "load_s",
+    schema.WEIGHTS_GB: "weights_gb",
+    PEAK_GB: "peak_memory_gb",
+    schema.PEAK_RESERVED_GB: "peak_reserved_gb",
+    schema.DECODE_MS_PER_TOKEN: "ms_per_token",
+    schema.DECODE_MS_PER_TOKEN + schema.REP_STD: "ms_per_token_rep_std",
+    schema.TTFT_MS: "ttft_ms",
+    schema.DECODE_TOKENS_PER_S: "decode_tokens_per_s",
+    schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s",
+    schema.GENERATE_S: "generate_s",
+    schema.total(schema.NEW_TOKENS): "new_tokens_total",
+    schema.LOAD_S: "load_s",
     "generation.fast": "fast",
-    "roofline_fraction": "roofline_fraction",
-    "quality/kl_mean": "kl_mean",
-    "quality/top1_agreement": "top1_agreement",
-    "quality/perplexity_en": "perplexity_en",
-    "quality/perplexity_zh": "perplexity_zh",
+    schema.ROOFLINE_FRACTION: "roofline_fraction",
+    schema.KL_MEAN: "kl_mean",
+    schema.TOP1_AGREEMENT: "top1_agreement",
+    schema.perplexity("en"): "perplexity_en",
+    schema.perplexity("zh"): "perplexity_zh",
     "run_id": "run_id",
 }
 
 
 def results(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run with the columns experiments/results/*.csv promise."""
-    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     present = {k: v for k, v in RESULT_COLUMNS.items() if k in runs}
     return runs[list(present)].rename(columns=present).reset_index(drop=True)
 
@@ -167,26 +172,31 @@ def results(runs: pd.DataFrame) -> pd.DataFrame:
 def roofline(runs: pd.DataFrame) -> pd.DataFrame:
     """Eager against fast decoding, one row per run: `mode` is eager or fast here, `quant` the
     weights' mode (with LLM.int8's outlier threshold, which decides whether a graph can hold it);
-    the floor's inputs, the path the fast decoder took and the commit that ran beside them."""
-    runs = ordered(runs.assign(**{"memory/peak_gb": peak_memory(runs)}))
+    the floor as logged and its inputs, the path the fast decoder took and the commit that ran.
+    Runs of earlier releases logged a floor against the copy bandwidth and no floor of their own:
+    their `bandwidth` column says so and their floor is left empty."""
+    runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     fast = column(runs, "generation.fast", False).astype(str).str.lower() == "true"
+    read = column(runs, schema.READ_BANDWIDTH_GBS)
     table = pd.DataFrame({
-        "device": runs.get("device.name", runs.get("falcon_exp.device")),
+        "device": column(runs, schema.TAG_DEVICE_NAME, None).fillna(column(runs, schema.TAG_DEVICE, "")),
         "model": runs["model.name"],
         "bits": runs["bits"],
         "mode": fast.map({True: "fast", False: "eager"}),
-        "ms_per_token": runs["time/decode_ms_per_token"],
-        "roofline_fraction": runs["roofline_fraction"],
-        "peak_memory_gb": runs["memory/peak_gb"],
+        "ms_per_token": runs[schema.DECODE_MS_PER_TOKEN],
+        "roofline_fraction": runs[schema.ROOFLINE_FRACTION],
+        "peak_memory_gb": runs[PEAK_GB],
         "quant": runs["mode"],
         "int8_threshold": column(runs, "quantization.int8_threshold").where(runs["bits"] == 8),
         "new_tokens": column(runs, "max_new_tokens"),
-        "floor_ms_per_token": runs["time/decode_ms_per_token"] * runs["roofline_fraction"],
-        "copy_bandwidth_gbs": runs["roofline/copy_bandwidth_gbs"],
-        "weight_bytes_per_step_gb": runs["roofline/weight_bytes_per_step_gb"],
-        "decode_path": runs.get("falcon_exp.decode_path", "eager"),
-        "fallback": column(runs, "falcon_exp.fast_fallback", "").fillna(""),
-        "commit": column(runs, "git.commit", "").str[:7],
+        "floor_ms_per_token": column(runs, schema.FLOOR_MS_PER_TOKEN),
+        "bandwidth": read.notna().map({True: "read", False: "copy"}),
+        "read_bandwidth_gbs": read,
+        "copy_bandwidth_gbs": column(runs, schema.COPY_BANDWIDTH_GBS),
+        "weight_bytes_per_step_gb": column(runs, schema.WEIGHT_BYTES_PER_STEP_GB),
+        "decode_path": column(runs, schema.TAG_DECODE_PATH, "eager"),
+        "fallback": column(runs, schema.TAG_FAST_FALLBACK, "").fillna(""),
+        "commit": column(runs, schema.TAG_GIT_COMMIT, "").fillna("").str[:7],
         "run_id": runs["run_id"],
     })
     return table.reset_index(drop=True)

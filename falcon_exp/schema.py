@@ -1,0 +1,143 @@
+"""Every name a run writes to MLflow, with its unit and what it means; torch-free.
+
+Tracking writes through these names and the analysis reads through them, so a metric is named
+in one place. Metric names carry their unit and group by prefix (time/, tokens/, memory/, quant/,
+quality/, roofline/). A run-level timing metric is the median over the run's samples (prompt x
+repetition); `<name>.rep_std` beside it is the spread between repetitions: the standard deviation
+of each prompt's repetitions, then the median of that over prompts (absent with one repetition).
+Each sample is also logged as `sample/<name>` at step `prompt_index * repetitions + repetition`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    unit: str
+    meaning: str
+
+
+def _metrics(*entries: Metric) -> dict[str, Metric]:
+    return {m.key: m for m in entries}
+
+
+# Per generation (logged per sample; the run-level value is the median over samples, and for
+# what was timed, the spread between repetitions as .rep_std).
+TTFT_MS = "time/ttft_ms"
+DECODE_MS_PER_TOKEN = "time/decode_ms_per_token"
+GENERATE_S = "time/generate_s"
+E2E_TOKENS_PER_S = "time/e2e_tokens_per_s"
+ROOFLINE_FRACTION = "roofline_fraction"
+FLOOR_MS_PER_TOKEN = "roofline/floor_ms_per_token"
+TIMED = _metrics(
+    Metric(TTFT_MS, "ms", "time to first token: prefill and the first sampled token, device synchronised"),
+    Metric(DECODE_MS_PER_TOKEN, "ms", "mean time per token after the first, within one generation"),
+    Metric(GENERATE_S, "s", "the whole generation, tokenised input to last token"),
+    Metric(E2E_TOKENS_PER_S, "1/s", "end-to-end rate: new tokens / generate_s (prefill included)"),
+    Metric(ROOFLINE_FRACTION, "1", "floor_ms_per_token / decode_ms_per_token (1.0: decoding only streams memory)"),
+)
+FLOOR = Metric(FLOOR_MS_PER_TOKEN, "ms", "mean bytes a decode step reads (weights with scales, the KV cache as the decoder "
+                                         "reads it) / read bandwidth: the fastest a step could be")
+DECODE_TOKENS_PER_S = "time/decode_tokens_per_s"
+PROMPT_TOKENS = "tokens/prompt_tokens"
+NEW_TOKENS = "tokens/new_tokens"
+TOKENS = (PROMPT_TOKENS, NEW_TOKENS)  # per sample; the run logs their sums as `<name>_total`
+WARMUP_TOKENS_TOTAL = "tokens/warmup_tokens_total"
+LOAD_S = "time/load_s"
+
+# Memory, per generation (reset before each) and as the run's peak over them.
+PEAK_RSS_GB = "memory/peak_rss_gb"
+PEAK_ALLOCATED_GB = "memory/peak_allocated_gb"
+PEAK_RESERVED_GB = "memory/peak_reserved_gb"
+PROCESS_GB = "memory/process_gb"
+WEIGHTS_GB = "memory/weights_gb"
+
+
+def cuda_memory(index: int, name: str) -> str:
+    """A per-GPU figure: `memory/cuda0/peak_allocated_gb`."""
+    return f"memory/cuda{index}/{name.removeprefix('memory/')}"
+
+
+MEMORY = _metrics(
+    Metric(PEAK_RSS_GB, "GB", "the process's peak resident host memory during the generation (Linux VmHWM, reset before it)"),
+    Metric(PEAK_ALLOCATED_GB, "GB", "the allocator's peak of allocated memory during the generation, per model GPU, and their sum "
+                                    "(a sum of per-device peaks, which need not coincide in time)"),
+    Metric(PEAK_RESERVED_GB, "GB", "as peak_allocated_gb, for memory the allocator reserved from the driver"),
+    Metric(PROCESS_GB, "GB", "this process's memory on each model GPU as NVML reports it after the generation "
+                             "(CUDA context, allocator reserve, libraries), and their sum"),
+    Metric(WEIGHTS_GB, "GB", "bytes of every parameter and buffer once, with bitsandbytes' quantization scales"),
+)
+GB = 1e9  # memory figures are decimal gigabytes
+
+QUANTIZED_LAYERS = "quant/quantized_layers"
+LINEAR_LAYERS = "quant/linear_layers"
+
+READ_BANDWIDTH_GBS = "roofline/read_bandwidth_gbs"
+COPY_BANDWIDTH_GBS = "roofline/copy_bandwidth_gbs"
+WEIGHT_BYTES_PER_STEP_GB = "roofline/weight_bytes_per_step_gb"
+KV_BYTES_PER_TOKEN = "roofline/kv_bytes_per_token"
+ROOFLINE = _metrics(
+    Metric(READ_BANDWIDTH_GBS, "GB/s", "bytes read per second by a large on-device reduction: the floor's denominator"),
+    Metric(COPY_BANDWIDTH_GBS, "GB/s", "bytes read plus written per second by a large on-device copy (for comparison)"),
+    Metric(WEIGHT_BYTES_PER_STEP_GB, "GB", "weight bytes one decode step reads (one row of an untied input embedding)"),
+    Metric(KV_BYTES_PER_TOKEN, "bytes", "KV-cache bytes the model stores per token of context"),
+)
+
+# Quality against the unquantized reference (falcon_exp/quality.py).
+KL_MEAN = "quality/kl_mean"
+KL_MAX = "quality/kl_max"
+TOP1_AGREEMENT = "quality/top1_agreement"
+GREEDY_MATCH = "quality/greedy_match"
+COMMON_PREFIX_TOKENS = "quality/common_prefix_tokens"
+LANGUAGES = ("en", "zh")
+
+
+def perplexity(lang: str) -> str:
+    return f"quality/perplexity_{lang}"
+
+
+def perplexity_ratio(lang: str) -> str:
+    return f"quality/perplexity_{lang}_ratio"
+
+
+SAMPLE = "sample/"
+REP_STD = ".rep_std"
+
+
+def sample(key: str) -> str:
+    return f"{SAMPLE}{key}"
+
+
+def total(key: str) -> str:
+    return f"{key}_total"
+
+
+# Names of earlier releases, read as today's by the analysis (same meaning, new name).
+RENAMED = {
+    "time/tokens_per_s": E2E_TOKENS_PER_S,
+    "sample/time/tokens_per_s": sample(E2E_TOKENS_PER_S),
+}
+
+# Tags.
+TAG_MODEL = "falcon_exp.model"
+TAG_WEIGHTS = "falcon_exp.weights"
+TAG_MODE = "falcon_exp.mode"
+TAG_DEVICE = "falcon_exp.device"
+TAG_MODEL_REUSED = "falcon_exp.model_reused"
+TAG_DECODE_PATH = "falcon_exp.decode_path"
+TAG_FAST_FALLBACK = "falcon_exp.fast_fallback"
+TAG_QUANTIZATION_REALISED = "falcon_exp.quantization_realised"
+TAG_QUANTIZATION_SOURCE = "falcon_exp.quantization_source"
+TAG_BNB_KERNEL = "falcon_exp.bnb_cpu_kernel"
+TAG_UNMEASURED = "falcon_exp.unmeasured"
+TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
+TAG_SWEEP_DIR = "falcon_exp.sweep_dir"
+TAG_CONFIG_HASH = "falcon_exp.config_hash"
+TAG_ERROR = "falcon_exp.error"
+TAG_TEXT = "falcon_exp.text"
+TAG_OUTPUT_DIR = "falcon_exp.output_dir"
+TAG_GIT_COMMIT = "git.commit"
+TAG_DEVICE_NAME = "device.name"
