@@ -1,22 +1,34 @@
-"""`python -m falcon_exp [-m] key=value ...`: compose the config with Hydra and run the job(s)."""
+"""`falcon-exp [-m] key=value ...` (also `python -m falcon_exp`): compose the config with Hydra
+and run the job, or with `-m` the sweep."""
+
+from __future__ import annotations
 
 import sys
 
 import hydra
+from omegaconf import DictConfig
 
-from falcon_exp.app import EXIT_BAD_INPUT, fail, run_job
 from falcon_exp.config import ConfigError, check_group_overrides, load_order
+from falcon_exp.console import EXIT_BAD_INPUT, fail
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg) -> str:
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> str:
+    from falcon_exp.app import run_job
+
     return run_job(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command: a bad config group choice is one line before Hydra starts, and the
+    overrides that decide which weights load go first, so a sweep loads each model once."""
     try:
         check_group_overrides(sys.argv[1:])
     except ConfigError as error:
         fail(error, EXIT_BAD_INPUT)
     sys.argv[1:] = load_order(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,7 +23,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
 
 
 class FalconExpError(Exception):
@@ -47,23 +47,47 @@ def _positive_int(key: str, value: Any, minimum: int = 1, optional: bool = False
         raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {minimum}")
 
 
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_choices(group: str, config_dirs: tuple[Path, ...] = ()) -> list[str]:
+    """The options of a config group: the package's own and those in the user's config dirs."""
+    return sorted({p.stem for root in (CONF_DIR, *config_dirs) for p in (root / group).glob("*.y*ml")})
 
 
-def _override_key(argument: str) -> str:
+def override_key(argument: str) -> str:
     """`+quantization.quant_type=nf4` -> `quantization.quant_type`."""
     return argument.lstrip("+~").partition("=")[0]
+
+
+def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
+    """Config folders a user adds with Hydra's usual means: `--config-dir DIR` (`-cd DIR`) and
+    `hydra.searchpath=[file://DIR, pkg://PACKAGE.PATH]`."""
+    dirs: list[Path] = []
+    for i, argument in enumerate(arguments):
+        if argument in ("--config-dir", "-cd") and i + 1 < len(arguments):
+            dirs.append(Path(arguments[i + 1]))
+        elif argument.startswith("--config-dir="):
+            dirs.append(Path(argument.partition("=")[2]))
+        elif override_key(argument) == "hydra.searchpath":
+            for entry in argument.partition("=")[2].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    from importlib.resources import files
+
+                    package, _, sub = entry.removeprefix("pkg://").partition("/")
+                    dirs.append(Path(str(files(package))) / sub)
+                elif entry:
+                    dirs.append(Path(entry.removeprefix("file://")))
+    return tuple(dirs)
 
 
 def check_group_overrides(arguments: list[str]) -> None:
     """`model=nope` on the command line: one line naming the choices, before Hydra composes
     (whose own message spans a screen)."""
+    config_dirs = user_config_dirs(arguments)
     for argument in arguments:
-        key, value = _override_key(argument), argument.partition("=")[2]
+        key, value = override_key(argument), argument.partition("=")[2]
         if key not in ("model", "prompts", "experiment") or not value:
             continue
-        allowed = group_choices(key)
+        allowed = group_choices(key, config_dirs)
         for choice in value.split(","):
             if choice not in allowed and choice != "null":
                 raise ConfigError(f"{key}={choice!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -82,7 +106,7 @@ def load_order(arguments: list[str]) -> list[str]:
     different keys changes no job's configuration."""
 
     slots = [i for i, a in enumerate(arguments) if "=" in a and not a.startswith("-")]  # flags stay put
-    overrides = sorted((arguments[i] for i in slots), key=lambda a: _override_key(a).split(".")[0] not in LOAD_SHAPING)
+    overrides = sorted((arguments[i] for i in slots), key=lambda a: override_key(a).split(".")[0] not in LOAD_SHAPING)
     ordered = list(arguments)
     for slot, override in zip(slots, overrides):
         ordered[slot] = override

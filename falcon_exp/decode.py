@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.generation.streamers import BaseStreamer

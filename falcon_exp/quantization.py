@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -24,24 +23,6 @@ from falcon_exp.config import ConfigError, FalconExpError, QuantizationConfig
 LINEAR_TWINS = {"transformers.models.falcon.modeling_falcon": "FalconLinear"}
 # Modules bitsandbytes leaves in full precision (transformers keeps the output head unquantized).
 KEEP_FULL_PRECISION = ("lm_head",)
-
-
-class _Once(logging.Filter):
-    """bitsandbytes logs that int8 inputs are cast to float16 at every matmul (tens of thousands
-    of lines per job); each distinct message is worth reading once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        first = message not in self.seen
-        self.seen.add(message)
-        return first
-
-
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())
 
 
 class QuantizationNotRealised(FalconExpError):

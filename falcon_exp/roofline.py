@@ -15,11 +15,12 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from falcon_exp.models import cache_dir, locked, say
+from falcon_exp.console import log
+from falcon_exp.models import cache_dir, locked
 from falcon_exp.quantization import weights_bytes
 
 BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}  # far beyond any cache
@@ -76,7 +77,7 @@ def bandwidth(device: str) -> dict[str, float]:
         missing = [(i, n) for i, n in enumerate(names) if not isinstance(known.get(n), dict)]
         for index, name in missing:
             known[name] = _measure(device, index)
-            say(f"bandwidth of {name}: read {known[name]['read'] / 1e9:.0f} GB/s, copy {known[name]['copy'] / 1e9:.0f} GB/s "
+            log.info(f"bandwidth of {name}: read {known[name]['read'] / 1e9:.0f} GB/s, copy {known[name]['copy'] / 1e9:.0f} GB/s "
                 f"(read + written); cached in {path}")
         if missing:
             staging = path.with_suffix(f".{os.getpid()}.tmp")

@@ -8,9 +8,10 @@ import torch
 
 from falcon_exp import quality, roofline
 from falcon_exp.config import ConfigError, JobConfig
+from falcon_exp.console import log
 from falcon_exp.decode import decoder_for
 from falcon_exp.measure import MemoryProbe, Timing, timed_generate
-from falcon_exp.models import MODELS, load_tokenizer, resolve_device, say
+from falcon_exp.models import MODELS, load_tokenizer, resolve_device
 from falcon_exp.quantization import QuantizationReport, cpu_kernel
 
 
@@ -101,7 +102,7 @@ def run(job: JobConfig, prepared: Prepared, sweep=None) -> JobResult:
     longest = max(ids.shape[1] + n for ids, n in zip(inputs, prepared.new_tokens))
     decoder = decoder_for(model, job.generation.fast, longest, job.quantization, device, prepared.pad_token_id)
     if decoder.fallback:
-        say(f"fast path as {decoder.path}: {decoder.fallback}")
+        log.warning(f"fast path as {decoder.path}: {decoder.fallback}")
     weights_step = roofline.weight_bytes_per_step(model)
 
     def generate(index: int) -> tuple[Timing, list[int]]:
@@ -126,7 +127,7 @@ def run(job: JobConfig, prepared: Prepared, sweep=None) -> JobResult:
             floor = roofline.floor_ms(step, bandwidth["read"])
             fraction = roofline.fraction(floor, timing.decode_ms_per_token)
             samples.append(Sample(index, repetition, job.prompts.items[index], output, timing, memory, floor, fraction))
-            say(
+            log.info(
                 f"prompt {index + 1}/{count} rep {repetition + 1}/{job.generation.repetitions}: "
                 f"{timing.new_tokens} tokens in {timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token, "
                 f"{fraction:.2f} of the bandwidth floor)"

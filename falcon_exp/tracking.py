@@ -15,11 +15,13 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from falcon_exp import schema
 from falcon_exp.config import FalconExpError, JobConfig
+from falcon_exp.environment import commit as environment_commit
 from falcon_exp.measure import median, repetition_std
 from falcon_exp.runner import JobResult
 
@@ -90,6 +92,19 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
 
 
+def source_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The run's tags with MLflow's standard ones (source name and type, user, git commit) as
+    MLflow resolves them, so the UI's Source and Version columns are filled; where MLflow finds
+    no repository (an installed package) the commit falcon-exp knows is used."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    resolved = resolve_tags(tags)
+    commit = tags.get(schema.TAG_GIT_COMMIT) or environment_commit()
+    if commit and commit != "unknown" and "mlflow.source.git.commit" not in resolved:
+        resolved["mlflow.source.git.commit"] = commit
+    return resolved
+
+
 @contextlib.contextmanager
 def job_run(
     job: JobConfig, name: str, tags: dict[str, str], config_yaml: str, parent_run_id: str | None, output_dir: str | None
@@ -99,7 +114,7 @@ def job_run(
     from mlflow.entities import Param, RunTag
 
     client = _client()
-    run_tags = dict(tags) | {"falcon_exp.config_hash": job.identity}
+    run_tags = source_tags(dict(tags) | {schema.TAG_CONFIG_HASH: job.identity})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(job.experiment), run_name=name, tags=run_tags)
@@ -233,9 +248,15 @@ def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
     client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "generations.json")
 
 
-def start_sweep_run(experiment: str, name: str, sweep_dir: Path) -> str:
-    """The parent run of a sweep."""
-    run = _client().create_run(experiment_id(experiment), run_name=name, tags={schema.TAG_SWEEP_DIR: str(sweep_dir)})
+def start_sweep_run(experiment: str, name: str, sweep_dir: Path, params: dict[str, str]) -> str:
+    """The parent run of a sweep, with the overrides common to all its jobs as params."""
+    client = _client()
+    tags = source_tags({schema.TAG_SWEEP_DIR: str(sweep_dir)})
+    run = client.create_run(experiment_id(experiment), run_name=name, tags=tags)
+    if params:
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
     return run.info.run_id
 
 

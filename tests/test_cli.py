@@ -6,7 +6,6 @@ import json
 import statistics
 
 import pytest
-
 from conftest import QUICK, REPO, run_cli, runs_of, save_tiny_falcon
 
 

@@ -145,8 +145,9 @@ def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_
     """Three processes start together on an empty cache: one measures (the others would slow its
     measurement and theirs), the others wait and read its figures."""
     code = (
-        "import pathlib, sys, time\n"
+        "import logging, pathlib, sys, time\n"
         "from falcon_exp import roofline\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         "go = pathlib.Path(sys.argv[1])\n"
         "while not go.exists(): time.sleep(0.01)\n"
         "print(roofline.bandwidth('cpu'))\n"
@@ -163,6 +164,16 @@ def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_
     assert len({out for out, _ in results}) == 1
 
 
+def test_bitsandbytes_int8_cast_warning_is_logged_once(caplog):
+    import logging
+
+    from falcon_exp.console import quiet_third_party
+
+    quiet_third_party()
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    for message in ["MatMul8bitLt: cast A (test)"] * 3 + ["MatMul8bitLt: cast B (test)"]:
+        logger.warning(message)
+    assert [r.getMessage() for r in caplog.records] == ["MatMul8bitLt: cast A (test)", "MatMul8bitLt: cast B (test)"]
 
 
 def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):

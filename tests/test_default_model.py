@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli, runs_of
 
 pytestmark = pytest.mark.slow

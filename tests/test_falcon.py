@@ -8,8 +8,8 @@ import time
 import bitsandbytes as bnb
 import pytest
 import torch
-
 from conftest import run_cli
+
 from falcon_exp.config import QuantizationConfig
 from falcon_exp.models import architecture_config, synthetic_state_dict
 from falcon_exp.quantization import bnb_config, quantizable_linears, verify

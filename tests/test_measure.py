@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from falcon_exp.decode import EagerDecoder
 from falcon_exp import measure
+from falcon_exp.decode import EagerDecoder
 from falcon_exp.measure import MemoryProbe, median, repetition_std, timed_generate
 from falcon_exp.quantization import quantizable_linears
 

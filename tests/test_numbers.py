@@ -6,8 +6,8 @@ cache directory."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli, runs_of, save_tiny_falcon
+
 from falcon_exp.config import QuantizationConfig
 
 FEW = ["repetitions=1", "warmup=0", "max_length=null", "quality.eval_tokens=32"]

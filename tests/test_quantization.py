@@ -9,8 +9,15 @@ from transformers.models.falcon.modeling_falcon import FalconForCausalLM, Falcon
 
 from falcon_exp.config import ConfigError, QuantizationConfig
 from falcon_exp.models import architecture_config, synthetic_state_dict
-from falcon_exp.quantization import (QuantizationNotRealised, bnb_config, differences, from_checkpoint_config, inspect,
-                                     quantizable_linears, verify)
+from falcon_exp.quantization import (
+    QuantizationNotRealised,
+    bnb_config,
+    differences,
+    from_checkpoint_config,
+    inspect,
+    quantizable_linears,
+    verify,
+)
 
 
 def load_falcon(quant: QuantizationConfig, make_quantizable: bool = True, **shape):

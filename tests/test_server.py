@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import QUICK, REPO, run_cli, start_mlflow_server
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")

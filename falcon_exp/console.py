@@ -1,0 +1,77 @@
+"""What a user reads: log messages (Hydra configures the handlers, so they reach the terminal and
+the job's log file), one-line errors, and third-party noise shown once or turned into one
+informative line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NoReturn
+
+log = logging.getLogger("falcon_exp")
+
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
+
+
+def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """One line on stderr and the exit code; no traceback (the error is the user's to fix)."""
+    print(f"falcon-exp: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`falcon-exp: message` for the project's own lines (`falcon-exp: warning: ...` above INFO),
+    `name: LEVEL: message` for a library's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name == "falcon_exp" or record.name.startswith("falcon_exp."):
+            level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+            return f"falcon-exp: {level}{message}"
+        return f"{record.name}: {record.levelname}: {message}"
+
+
+class _Once(logging.Filter):
+    """Each distinct message once per process: bitsandbytes logs that int8 inputs are cast to
+    float16 at every matmul, tens of thousands of lines per job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+class _KernelsHint(logging.Filter):
+    """On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package
+    (a fused 4-bit GEMM fetched from the Hugging Face hub) is missing, and then runs its own native
+    kernel, which is no fault: said once, as information, with what runs instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = ("the optional `kernels` package (a 4-bit CPU GEMM from the Hugging Face hub) is absent; "
+                                       "bitsandbytes' native AVX512-BF16 kernel runs (tag falcon_exp.bnb_cpu_kernel)"), ()
+        return True
+
+
+_INSTALLED: list[tuple[logging.Logger, logging.Filter]] = []
+
+
+def quiet_third_party() -> None:
+    """Install the filters above (once per process) and turn off transformers' progress bars,
+    whose lines would fill a job's log (the load time is logged as time/load_s)."""
+    if _INSTALLED:
+        return
+    for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint)):
+        logger, installed = logging.getLogger(name), kind()
+        logger.addFilter(installed)
+        _INSTALLED.append((logger, installed))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
