@@ -8,12 +8,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from falcon_exp.config import ConfigError, check_group_overrides, load_order
+from falcon_exp.config import ConfigError, JobConfig, check_group_overrides, load_order, renamed_groups
 from falcon_exp.console import EXIT_BAD_INPUT, fail
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
+    try:
+        JobConfig.from_hydra(cfg)  # cheap checks first: a bad value fails before the inference stack loads
+    except ConfigError as error:
+        fail(error, EXIT_BAD_INPUT)
     from falcon_exp.app import run_job
 
     return run_job(cfg)
@@ -22,11 +26,14 @@ def main(cfg: DictConfig) -> str:
 def cli() -> None:
     """The console command: a bad config group choice is one line before Hydra starts, and the
     overrides that decide which weights load go first, so a sweep loads each model once."""
+    arguments, notices = renamed_groups(sys.argv[1:])
+    for notice in notices:
+        print(f"falcon-exp: notice: {notice}", file=sys.stderr, flush=True)
     try:
-        check_group_overrides(sys.argv[1:])
+        check_group_overrides(arguments)
     except ConfigError as error:
         fail(error, EXIT_BAD_INPUT)
-    sys.argv[1:] = load_order(sys.argv[1:])
+    sys.argv[1:] = load_order(arguments)
     main()
 
 

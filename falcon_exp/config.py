@@ -1,14 +1,15 @@
 """The typed, validated form of one job's configuration.
 
-Hydra composes plain YAML (conf/); `JobConfig.from_hydra` turns it into frozen dataclasses and
-rejects bad input with one line naming the bad value and the allowed ones, before any model,
-tokenizer or tracking run exists.
+The YAML under falcon_exp/conf/ is the one source of defaults; the frozen dataclasses here have
+its shape (top-level `bits`, `max_length`, ...; sections `model`, `prompts`, `generation`,
+`quantization`, `quality`, `tracking`) and only validate. `JobConfig.from_hydra` rejects bad input
+with one line naming the bad value and the allowed ones, before any model, tokenizer or tracking
+run exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
+PRESET_GROUP = "preset"
+OLD_PRESET_GROUP = "experiment"  # its name until 0.2 (it clashed with the MLflow experiment); read until 0.3
 
 
 class FalconExpError(Exception):
@@ -40,11 +43,19 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {choices}")
 
 
-def _positive_int(key: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+def _integer(key: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= {minimum}")
+        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
+
+
+def _boolean(key: str, value: Any) -> None:
+    """Hydra reads true/false (any case) as booleans; any other word stays a string, which
+    Python would take as true: refused, so a run is never logged as given but run otherwise."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed; choose true or false")
 
 
 def group_choices(group: str, config_dirs: tuple[Path, ...] = ()) -> list[str]:
@@ -59,7 +70,7 @@ def override_key(argument: str) -> str:
 
 def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
     """Config folders a user adds with Hydra's usual means: `--config-dir DIR` (`-cd DIR`) and
-    `hydra.searchpath=[file://DIR, pkg://PACKAGE.PATH]`."""
+    `hydra.searchpath=[file://DIR, pkg://PACKAGE/PATH]`."""
     dirs: list[Path] = []
     for i, argument in enumerate(arguments):
         if argument in ("--config-dir", "-cd") and i + 1 < len(arguments):
@@ -79,13 +90,27 @@ def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """`experiment=article` is `preset=article` now: the arguments with the old group renamed,
+    and a notice for each renamed one."""
+    renamed, notices = [], []
+    for argument in arguments:
+        key = override_key(argument)
+        if key == OLD_PRESET_GROUP and "=" in argument:
+            argument = argument.replace(OLD_PRESET_GROUP, PRESET_GROUP, 1)
+            notices.append(f"`{OLD_PRESET_GROUP}=` is now `{PRESET_GROUP}=` (the MLflow experiment is tracking.experiment); "
+                           f"the old name is read until falcon-exp 0.3")
+        renamed.append(argument)
+    return renamed, notices
+
+
 def check_group_overrides(arguments: list[str]) -> None:
     """`model=nope` on the command line: one line naming the choices, before Hydra composes
     (whose own message spans a screen)."""
     config_dirs = user_config_dirs(arguments)
     for argument in arguments:
         key, value = override_key(argument), argument.partition("=")[2]
-        if key not in ("model", "prompts", "experiment") or not value:
+        if key not in ("model", "prompts", PRESET_GROUP) or not value:
             continue
         allowed = group_choices(key, config_dirs)
         for choice in value.split(","):
@@ -94,7 +119,7 @@ def check_group_overrides(arguments: list[str]) -> None:
 
 
 # Keys that decide which weights load; a sweep varies them slowest so that each model loads once.
-LOAD_SHAPING = ("model", "experiment", "bits", "quantization", "dtype", "device", "max_memory", "seed")
+LOAD_SHAPING = ("model", PRESET_GROUP, "bits", "quantization", "dtype", "device", "max_memory", "seed")
 
 
 def load_order(arguments: list[str]) -> list[str]:
@@ -120,13 +145,14 @@ def available_architectures() -> list[str]:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    weights: str
-    path: str | None = None
-    architecture: str | None = None
-    chat_template: bool = False
+    weights: str  # packaged | hub | synthetic
+    path: str | None
+    architecture: str | None
+    chat_template: bool
 
     def __post_init__(self) -> None:
         _one_of("model.weights", self.weights, WEIGHTS)
+        _boolean("model.chat_template", self.chat_template)
         if self.weights == "synthetic":
             _one_of("model.architecture", self.architecture, tuple(available_architectures()))
         if self.weights == "hub" and not self.path:
@@ -140,62 +166,24 @@ class ModelConfig:
             raw["weights"] = "hub"
             raw["name"] = Path(str(raw["path"]).rstrip("/")).name
             raw["chat_template"] = True
-        return cls(**raw)
+        return _build(cls, raw, "model")
 
 
 @dataclass(frozen=True)
-class QuantizationConfig:
-    bits: int
-    quant_type: str = "nf4"
-    compute_dtype: str = "bfloat16"
-    double_quant: bool = False
-    int8_threshold: float = 6.0
-    from_checkpoint: bool = False  # take bits and knobs from the checkpoint's own quantization_config
-
-    def __post_init__(self) -> None:
-        _one_of("bits", self.bits, BITS)
-        _one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
-        _one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
-        if not isinstance(self.double_quant, bool):
-            raise ConfigError(f"quantization.double_quant={self.double_quant!r} is not allowed; choose true or false")
-        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
-            raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
-        if not isinstance(self.from_checkpoint, bool):
-            raise ConfigError(f"quantization.from_checkpoint={self.from_checkpoint!r} is not allowed; choose true or false")
-
-    def knobs(self) -> dict[str, Any]:
-        """The settings that apply at these bits, by their config key (bits first)."""
-        applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}.get(self.bits, ())
-        return {"bits": self.bits} | {f"quantization.{k}": getattr(self, k) for k in applying}
-
-    @property
-    def load_key(self) -> tuple:
-        """The knobs that shape the loaded weights: int8 ignores the 4-bit ones and vice versa."""
-        if self.bits == 4:
-            return (4, self.quant_type, self.compute_dtype, self.double_quant)
-        return (8, float(self.int8_threshold)) if self.bits == 8 else (16,)
-
-    @property
-    def mode(self) -> str:
-        """nf4, fp4 or int8; None for the unquantized baseline."""
-        return {4: self.quant_type, 8: "int8"}.get(self.bits)
-
-
-@dataclass(frozen=True)
-class Prompts:
+class PromptsConfig:
     name: str
     items: tuple[str, ...]
-    file: str | None = None
+    file: str | None
 
     @classmethod
-    def from_dict(cls, raw: dict) -> Prompts:
+    def from_dict(cls, raw: dict) -> PromptsConfig:
         file = raw.get("file")
         if file:
             return cls(name=Path(file).stem, items=tuple(read_prompts_file(Path(file))), file=str(file))
         items = raw.get("items") or []
         if not items:
             raise ConfigError(f"prompts={raw.get('name')!r} holds no prompts; give at least one (prompts.items or prompts.file)")
-        return cls(name=raw["name"], items=tuple(_check_prompt(p, f"prompts.items[{i}]") for i, p in enumerate(items)))
+        return cls(name=raw["name"], items=tuple(_check_prompt(p, f"prompts.items[{i}]") for i, p in enumerate(items)), file=None)
 
 
 def _check_prompt(value: Any, where: str) -> str:
@@ -206,9 +194,12 @@ def _check_prompt(value: Any, where: str) -> str:
 
 def read_prompts_file(path: Path) -> list[str]:
     """A YAML list of strings (or {prompts: [...]}), or JSON lines with a "prompt" field; data only."""
-    if not path.is_file():
-        raise ConfigError(f"prompts.file={str(path)!r} does not exist; give a .yaml, .yml or .jsonl file of prompts")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir() or not path.exists():
+        raise ConfigError(f"prompts.file={str(path)!r} is not a file; give a .yaml, .yml or .jsonl file of prompts")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"prompts.file={str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -229,69 +220,113 @@ def read_prompts_file(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    fast: bool  # static KV cache and CUDA graphs (falcon_exp/decode.py)
+
+    def __post_init__(self) -> None:
+        _boolean("generation.fast", self.fast)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """bitsandbytes' settings; each applies at the bits it belongs to (`JobConfig.knobs`)."""
+
+    quant_type: str
+    compute_dtype: str
+    double_quant: bool
+    int8_threshold: float
+    from_checkpoint: bool  # take bits and settings from the checkpoint's own quantization_config
+
+    def __post_init__(self) -> None:
+        _one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
+        _one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
+        _boolean("quantization.double_quant", self.double_quant)
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
+        _boolean("quantization.from_checkpoint", self.from_checkpoint)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool
+    reference_tokens: int  # forced greedy tokens of the reference after each prompt
+    eval_tokens: int | None  # tokens of each evaluation text scored (null: all)
+    window: int  # perplexity window, non-overlapping
+
+    def __post_init__(self) -> None:
+        _boolean("quality.enabled", self.enabled)
+        _integer("quality.reference_tokens", self.reference_tokens)
+        _integer("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
+        _integer("quality.window", self.window, minimum=2)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str  # the MLflow experiment; the store comes from MLFLOW_TRACKING_URI
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ConfigError(f"tracking.experiment={self.experiment!r} is not allowed; give a non-empty name")
+
+
+def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
+    """The quantization settings that apply at these bits, by their config key (bits first):
+    int8 ignores the 4-bit ones and the other way round."""
+    applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}.get(bits, ())
+    return {"bits": bits} | {f"quantization.{k}": getattr(quantization, k) for k in applying}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """A config section from its YAML mapping; an unknown or missing key is one line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}={raw!r} is not allowed; it must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if unknown := sorted(set(raw) - set(names)):
+        raise ConfigError(f"{where}.{unknown[0]} is not a key of {where}; allowed: {', '.join(n for n in names if n != 'flat')}")
+    if missing := [n for n in names if n not in raw]:
+        raise ConfigError(f"{where}.{missing[0]} is missing; give {where}.{missing[0]}=VALUE")
+    return cls(**raw)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job's configuration, in the YAML's shape."""
+
+    setting: str
+    bits: int
     max_length: int | None
     max_new_tokens: int | None
     force_length: bool
     repetitions: int
     warmup: int
-    fast: bool = False  # static KV cache and CUDA graphs (falcon_exp/decode.py)
+    seed: int
+    device: str
+    dtype: str
+    max_memory: dict | None
+    resume: bool
+    model: ModelConfig
+    prompts: PromptsConfig
+    generation: GenerationConfig
+    quantization: QuantizationConfig
+    quality: QualityConfig
+    tracking: TrackingConfig
+    flat: dict = field(compare=False)  # the params: dotted keys, as resolved
 
     def __post_init__(self) -> None:
-        _positive_int("max_length", self.max_length, minimum=2, optional=True)
-        _positive_int("max_new_tokens", self.max_new_tokens, optional=True)
+        _one_of("bits", self.bits, BITS)
+        _integer("max_length", self.max_length, minimum=2, optional=True)
+        _integer("max_new_tokens", self.max_new_tokens, optional=True)
         if (self.max_length is None) == (self.max_new_tokens is None):
             raise ConfigError(
                 f"max_length={self.max_length} and max_new_tokens={self.max_new_tokens}: set exactly one of them "
                 "(the other to null)"
             )
-        _positive_int("repetitions", self.repetitions)
-        _positive_int("warmup", self.warmup, minimum=0)
-        if not isinstance(self.fast, bool):
-            raise ConfigError(f"generation.fast={self.fast!r} is not allowed; choose true or false")
-
-    def new_tokens(self, prompt_tokens: int) -> int:
-        """How many tokens to generate after a prompt of this length."""
-        return self.max_new_tokens if self.max_new_tokens is not None else self.max_length - prompt_tokens
-
-
-@dataclass(frozen=True)
-class QualityConfig:
-    enabled: bool = True
-    reference_tokens: int = 32  # forced greedy tokens of the reference after each prompt
-    eval_tokens: int | None = 128  # tokens of each evaluation text scored (null: all)
-    window: int = 256  # perplexity window, non-overlapping
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"quality.enabled={self.enabled!r} is not allowed; choose true or false")
-        _positive_int("quality.reference_tokens", self.reference_tokens)
-        _positive_int("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
-        _positive_int("quality.window", self.window, minimum=2)
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    model: ModelConfig
-    quantization: QuantizationConfig
-    prompts: Prompts
-    generation: GenerationConfig
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    max_memory: dict | None = None
-    experiment: str = "falcon-exp"
-    setting: str = "custom"
-    resume: bool = False
-    flat: dict = field(default_factory=dict, compare=False)
-    prequantized: bool = False  # the checkpoint's own weights are quantized (found before loading)
-
-    def __post_init__(self) -> None:
+        _boolean("force_length", self.force_length)
+        _integer("repetitions", self.repetitions)
+        _integer("warmup", self.warmup, minimum=0)
+        _integer("seed", self.seed, minimum=0)
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
-        _positive_int("seed", self.seed, minimum=0)
-        if not isinstance(self.resume, bool):
-            raise ConfigError(f"resume={self.resume!r} is not allowed; choose true or false")
+        _boolean("resume", self.resume)
 
     @classmethod
     def from_hydra(cls, cfg: Any) -> JobConfig:
@@ -302,58 +337,35 @@ class JobConfig:
             raw = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
         else:
             raw = {k: v for k, v in cfg.items() if k != "hydra"}
-        model_raw = raw["model"]
+        model_raw = raw.get("model")
         if not isinstance(model_raw, dict) or "name" not in model_raw:
             raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(group_choices('model'))}")
         model = ModelConfig.from_dict(model_raw)
-        raw["model"] = dataclasses.asdict(model)  # params show the model as resolved (a path names it)
-        quant = dict(raw.get("quantization") or {})
-        return cls(
-            model=model,
-            quantization=QuantizationConfig(bits=raw["bits"], **quant),
-            prompts=Prompts.from_dict(raw["prompts"]),
-            generation=GenerationConfig(
-                max_length=raw.get("max_length"),
-                max_new_tokens=raw.get("max_new_tokens"),
-                force_length=bool(raw.get("force_length", True)),
-                repetitions=raw.get("repetitions", 1),
-                warmup=raw.get("warmup", 1),
-                fast=(raw.get("generation") or {}).get("fast", False),
-            ),
-            quality=QualityConfig(**(raw.get("quality") or {})),
-            seed=raw.get("seed", 0),
-            device=raw.get("device", "auto"),
-            dtype=raw.get("dtype", "bfloat16"),
-            max_memory=raw.get("max_memory"),
-            experiment=(raw.get("tracking") or {}).get("experiment", "falcon-exp"),
-            setting=str(raw.get("setting", "custom")),
-            resume=raw.get("resume", False),
-            flat=flatten({k: v for k, v in raw.items() if k != "prompts"} | {"prompts": _prompts_summary(raw["prompts"])}),
-        )
+        sections = {"model": model, "prompts": PromptsConfig.from_dict(raw.get("prompts") or {})}
+        for name, kind in (("generation", GenerationConfig), ("quantization", QuantizationConfig), ("quality", QualityConfig),
+                           ("tracking", TrackingConfig)):
+            sections[name] = _build(kind, raw.get(name), name)
+        top = {k: v for k, v in raw.items() if k not in sections}
+        params = top | {k: dataclasses.asdict(v) for k, v in sections.items() if k != "prompts"}
+        params["prompts"] = {"name": sections["prompts"].name, "file": sections["prompts"].file}  # the texts are an artifact
+        return _build(cls, top | sections | {"flat": flatten(params)}, "config")
 
-    def prequantized_as(self, quantization: QuantizationConfig) -> JobConfig:
-        """The same job on a checkpoint that holds quantized weights, with the quantization found
-        there (its params too)."""
-        flat = self.flat | {"bits": quantization.bits} | {
-            f"quantization.{f.name}": getattr(quantization, f.name) for f in dataclasses.fields(quantization) if f.name != "bits"
-        }
-        return dataclasses.replace(self, quantization=quantization, flat=flat, prequantized=True)
+    def new_tokens(self, prompt_tokens: int) -> int:
+        """How many tokens to generate after a prompt of this length."""
+        return self.max_new_tokens if self.max_new_tokens is not None else self.max_length - prompt_tokens
 
-    @property
-    def identity(self) -> str:
-        """A hash of everything that shapes the measurement (the config, the prompts' text), for resume."""
-        content = {k: v for k, v in self.flat.items() if k != "resume"} | {"prompts.items": list(self.prompts.items)}
-        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    def knobs(self) -> dict[str, Any]:
+        return knobs(self.bits, self.quantization)
+
+    def with_quantization(self, bits: int, quantization: QuantizationConfig) -> JobConfig:
+        """The same job at other bits and settings (found in a checkpoint, or the unquantized baseline), its params too."""
+        flat = self.flat | {"bits": bits} | {f"quantization.{k}": v for k, v in dataclasses.asdict(quantization).items()}
+        return dataclasses.replace(self, bits=bits, quantization=quantization, flat=flat)
 
     @property
     def mode(self) -> str:
         """A short, human name: nf4, fp4, int8, or the baseline's dtype (bf16, fp16, fp32)."""
-        return self.quantization.mode if self.quantization.bits != 16 else DTYPE_SHORT[self.dtype]
-
-
-def _prompts_summary(raw: dict) -> dict:
-    """Prompts go to MLflow as an artifact; params keep only what identifies the set."""
-    return {"name": Path(raw["file"]).stem if raw.get("file") else raw.get("name"), "file": raw.get("file")}
+        return {4: self.quantization.quant_type, 8: "int8"}.get(self.bits) or DTYPE_SHORT[self.dtype]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -16,13 +16,29 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
+from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.falcon.modeling_falcon import FalconAttention
 
-from falcon_exp.config import QuantizationConfig
+from falcon_exp.config import JobConfig
 from falcon_exp.roofline import kv_bytes_per_token
+
+
+class Decoder(Protocol):
+    """What the runner and the quality reference ask of a decoder."""
+
+    path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache
+    fallback: str | None  # why the fast path runs without compilation or without a graph
+    kv_bytes_per_token: float  # KV-cache bytes stored per token of context
+
+    def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
+        """Mean KV-cache bytes one decode step reads, for a generation of this shape."""
+
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
+        """Greedy tokens after `input_ids`, calling `on_token()` the moment each exists."""
 
 
 class _Streamer(BaseStreamer):
@@ -38,7 +54,7 @@ class _Streamer(BaseStreamer):
         pass
 
 
-def _split_heads_by_slices(self, fused_qkv: torch.Tensor):
+def _split_heads_by_slices(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """FalconAttention._split_heads with slices where it indexes with Python lists (`[-2]`): a
     list index is a tensor built on the host at every call, a copy a CUDA graph cannot capture.
     Same values (the list form copies, the slice form views)."""
@@ -67,7 +83,7 @@ def graph_safe_falcon() -> Iterator[None]:
         FalconAttention._split_heads = _LIST_INDEXED_SPLIT
 
 
-def _eos_ids(model) -> list[int]:
+def _eos_ids(model: PreTrainedModel) -> list[int]:
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
@@ -76,7 +92,7 @@ class EagerDecoder:
     path = "eager"
     fallback = None
 
-    def __init__(self, model, pad_token_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         self.model, self.pad_token_id = model, pad_token_id
         token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
         self.kv_bytes_per_token = kv_bytes_per_token(model, token)
@@ -86,7 +102,7 @@ class EagerDecoder:
         far, so decode step i (1..n-1) attends to prompt + i tokens."""
         return self.kv_bytes_per_token * (prompt_tokens + new_tokens / 2)
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids,
@@ -103,7 +119,7 @@ class EagerDecoder:
 class FastDecoder:
     """Static KV cache sized for the longest generation; one (compiled) CUDA graph per decoder."""
 
-    def __init__(self, model, max_tokens: int, quantization: QuantizationConfig, device: str) -> None:
+    def __init__(self, model: PreTrainedModel, max_tokens: int, config: JobConfig, device: str) -> None:
         from transformers import StaticCache
 
         self.model, self.max_tokens = model, max_tokens
@@ -114,7 +130,7 @@ class FastDecoder:
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
         self.graph, self.path = None, "static_cache"
-        self.fallback = self._why_no_graph(quantization, device) or self._capture()
+        self.fallback = self._why_no_graph(config, device) or self._capture()
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -145,15 +161,15 @@ class FastDecoder:
         """The decode step: read the last token from its buffer, write the next one there."""
         self._advance(self.token)
 
-    def _why_no_graph(self, quantization: QuantizationConfig, device: str) -> str | None:
+    def _why_no_graph(self, config: JobConfig, device: str) -> str | None:
         if device != "cuda":
             return f"CUDA graphs need a CUDA device (device={device})"
         devices = {p.device for p in self.model.parameters()}
         if len(devices) > 1:
             return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
-        if quantization.bits == 8 and quantization.int8_threshold > 0:
+        if config.bits == 8 and config.quantization.int8_threshold > 0:
             return (
-                f"LLM.int8 with int8_threshold={quantization.int8_threshold} looks for outlier columns on the host "
+                f"LLM.int8 with int8_threshold={config.quantization.int8_threshold} looks for outlier columns on the host "
                 "at every matmul (a device-to-host sync), which a CUDA graph cannot hold; int8_threshold=0 avoids it"
             )
         return None
@@ -199,7 +215,7 @@ class FastDecoder:
                 if buffer is not None and buffer.device != device:
                     module._buffers[name] = buffer.to(device)
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token) -> list[int]:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
         generated: list[int] = []
         with torch.no_grad():
@@ -216,6 +232,6 @@ class FastDecoder:
                     self._step()
 
 
-def decoder_for(model, fast: bool, max_tokens: int, quantization: QuantizationConfig, device: str, pad_token_id: int):
-    """The eager decoder, or the fast one with room for `max_tokens` (prompt plus generated)."""
-    return FastDecoder(model, max_tokens, quantization, device) if fast else EagerDecoder(model, pad_token_id)
+def decoder_for(model: PreTrainedModel, config: JobConfig, max_tokens: int, device: str, pad_token_id: int) -> Decoder:
+    """The eager decoder, or with generation.fast the fast one with room for `max_tokens` (prompt plus generated)."""
+    return FastDecoder(model, max_tokens, config, device) if config.generation.fast else EagerDecoder(model, pad_token_id)

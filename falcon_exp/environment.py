@@ -9,10 +9,13 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-import torch
+from falcon_exp import schema
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "hydra-core", "mlflow", "falcon-exp")
+# falcon-exp patches these libraries' internals (Falcon's linear class and head split, bitsandbytes'
+# CPU kernels and log lines): the versions it was tested with, as pinned in constraints.txt.
+TESTED = {"transformers": ("5.24.0",), "bitsandbytes": ("0.50.2",)}
 
 
 def _git(*args: str) -> str | None:
@@ -28,6 +31,12 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def untested_versions() -> list[str]:
+    """`transformers 5.30.0 (tested: 5.24.0)` for each patched library at a version not tested."""
+    return [f"{package} {_version(package)} (tested: {', '.join(tested)})" for package, tested in TESTED.items()
+            if _version(package) not in tested]
 
 
 def _cpu_name() -> str:
@@ -67,6 +76,8 @@ def commit() -> str | None:
 
 def describe(device: str) -> dict[str, str]:
     """Tags: git state, host, device and driver, library versions."""
+    import torch
+
     named = os.environ.get("FALCON_EXP_GIT_COMMIT")  # then nothing is known about uncommitted changes
     dirty = None if named else _git("status", "--porcelain")  # untracked files count: they can change what runs
     tags = {
@@ -92,4 +103,6 @@ def describe(device: str) -> dict[str, str]:
     else:
         tags |= {"device.name": tags["cpu"], "device.count": "1"}
     tags |= {f"version.{p}": _version(p) for p in PACKAGES}
+    if untested := untested_versions():
+        tags[schema.TAG_UNTESTED_VERSIONS] = "; ".join(untested)
     return tags

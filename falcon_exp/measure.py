@@ -12,15 +12,18 @@ reason (`MemoryProbe.unmeasured`), never replaced by a current or whole-process 
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from falcon_exp import schema
+from falcon_exp.records import Timing
 from falcon_exp.schema import GB
+
+if TYPE_CHECKING:
+    from falcon_exp.decode import Decoder
 
 
 class Clock:
@@ -46,22 +49,12 @@ class Clock:
         return [m - self.marks[0] for m in self.marks]
 
 
-@dataclass(frozen=True)
-class Timing:
-    prompt_tokens: int
-    new_tokens: int
-    generate_s: float
-    ttft_ms: float
-    decode_ms_per_token: float
-    e2e_tokens_per_s: float  # new tokens over the whole call, prefill included
-
-
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed_generate(decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str):
+def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str) -> tuple[Timing, list[int]]:
     """One greedy generation by a falcon_exp.decode decoder, timed. Returns (Timing, token ids)."""
     clock = Clock(device)
     synchronize(device)
@@ -79,23 +72,6 @@ def timed_generate(decoder, input_ids: torch.Tensor, new_tokens: int, force_leng
         e2e_tokens_per_s=len(generated) / end,
     )
     return timing, generated
-
-
-def median(values: list[float]) -> float | None:
-    """The median of the nan-free values; None when there are none."""
-    clean = [v for v in values if v == v]
-    return statistics.median(clean) if clean else None
-
-
-def repetition_std(values_by_prompt: dict[int, list[float]]) -> float | None:
-    """The spread between repetitions: each prompt's standard deviation over its repetitions,
-    then the median over prompts. None with fewer than two repetitions of any prompt."""
-    spreads = []
-    for values in values_by_prompt.values():
-        clean = [v for v in values if v == v]
-        if len(clean) > 1:
-            spreads.append(statistics.stdev(clean))
-    return statistics.median(spreads) if spreads else None
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -171,7 +147,7 @@ def _nvml_handles(gpus: list[int], unmeasured: dict[str, str]) -> dict:
         return {}
 
 
-def _nvml_process_bytes(handle, unmeasured: dict[str, str]) -> int | None:
+def _nvml_process_bytes(handle: Any, unmeasured: dict[str, str]) -> int | None:
     import pynvml
 
     try:

@@ -22,19 +22,22 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from falcon_exp import schema
-from falcon_exp.config import JobConfig, QuantizationConfig
+from falcon_exp.cache import cache_dir, replaced
 from falcon_exp.console import log
 from falcon_exp.decode import EagerDecoder
-from falcon_exp.models import MODELS, cache_dir, checkpoint_identity, device_identity
+from falcon_exp.job import Job
+from falcon_exp.models import MODELS
 
-EVAL_TEXTS = {lang: Path(__file__).parent / "assets" / f"eval_{lang}.txt" for lang in ("en", "zh")}
+EVAL_TEXTS = {lang: Path(__file__).parent / "assets" / f"eval_{lang}.txt" for lang in schema.LANGUAGES}
 
 
 def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,7 @@ def perplexity(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
     return math.exp(-logprobs.gather(-1, targets.unsqueeze(-1)).mean().item())
 
 
-def _logprobs(model, ids: list[int]) -> torch.Tensor:
+def _logprobs(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     """Log-softmax of the next-token distribution at every position but the last, float32."""
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -55,7 +58,7 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def text_perplexity(model, ids: list[int], window: int) -> float:
+def text_perplexity(model: PreTrainedModel, ids: list[int], window: int) -> float:
     """Non-overlapping windows; each window predicts its own tokens after the first."""
     logprobs, targets = [], []
     for start in range(0, len(ids), window):
@@ -67,7 +70,7 @@ def text_perplexity(model, ids: list[int], window: int) -> float:
     return perplexity(torch.cat(logprobs), torch.cat(targets))
 
 
-def eval_ids(tokenizer, lang: str, limit: int | None) -> list[int]:
+def eval_ids(tokenizer: Any, lang: str, limit: int | None) -> list[int]:
     ids = tokenizer(EVAL_TEXTS[lang].read_text(encoding="utf-8"))["input_ids"]
     return list(ids[:limit] if limit else ids)
 
@@ -89,58 +92,55 @@ class Reference:
         return (self.forced if force_length else self.free)[index][:tokens]
 
 
-def _key(job: JobConfig, prepared, device: str) -> str:
+def reference_key(job: Job) -> str:
     """A hash of everything the reference's numbers depend on."""
-    from importlib import metadata
-
     identity = {
-        "model": dataclasses.asdict(job.model) | {"weights_identity": checkpoint_identity(job.model, job.seed)},
-        "dtype": job.dtype,
-        "device": device_identity(device),
-        "prompt_ids": [ids[0].tolist() for ids in prepared.input_ids],
-        "quality": dataclasses.asdict(job.quality),
+        "weights": job.weights.identity,
+        "dtype": job.config.dtype,
+        "device": job.device_identity,
+        "prompt_ids": [ids[0].tolist() for ids in job.prompts.input_ids],
+        "quality": dataclasses.asdict(job.config.quality),
         "texts": {lang: hashlib.sha256(path.read_bytes()).hexdigest() for lang, path in EVAL_TEXTS.items()},
         "versions": {p: metadata.version(p) for p in ("torch", "transformers")},
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def score(model, job: JobConfig, prepared, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:
+def score(model: PreTrainedModel, job: Job, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:
     """A model's log-probabilities over given continuations, and its perplexity per language."""
     logprobs = []
-    for prompt, continuation in zip(prepared.input_ids, continuations):
+    for prompt, continuation in zip(job.prompts.input_ids, continuations):
         full = prompt[0].tolist() + continuation
         logprobs.append(_logprobs(model, full)[prompt.shape[1] - 1 :])
+    quality = job.config.quality
     perplexities = {
-        lang: text_perplexity(model, eval_ids(prepared.tokenizer, lang, job.quality.eval_tokens), job.quality.window)
+        lang: text_perplexity(model, eval_ids(job.prompts.tokenizer, lang, quality.eval_tokens), quality.window)
         for lang in EVAL_TEXTS
     }
     return logprobs, perplexities
 
 
-def reference(job: JobConfig, prepared, device: str, text_tokens: int, free: bool) -> Reference:
+def reference(job: Job, text_tokens: int, free: bool) -> Reference:
     """The unquantized model's continuations, log-probabilities and perplexities: from the disk
     cache, or computed now (loading the model in `dtype` through the shared model cache). Its
     greedy text runs to `text_tokens` (the longest continuation of the job's sweep) at least, and
     also free to stop at end-of-sequence where `free`, so that a sweep computes it once."""
-    path = cache_dir() / "reference" / f"{_key(job, prepared, device)}.pt"
+    path = cache_dir() / "reference" / f"{reference_key(job)}.pt"
     if path.is_file() and (cached := Reference(**torch.load(path))).serves(text_tokens, free):
         return cached
-    baseline = dataclasses.replace(job, quantization=QuantizationConfig(bits=16))
-    log.info(f"computing the {job.dtype} reference for quality metrics (once; cached at {path})")
-    model = MODELS.get(baseline)[0].model
-    decoder, first = EagerDecoder(model, prepared.pad_token_id), next(model.parameters()).device
-    length = max(job.quality.reference_tokens, text_tokens)
+    log.info(f"computing the {job.config.dtype} reference for quality metrics (once; cached at {path})")
+    model = MODELS.get(job.unquantized())[0].model
+    decoder, first = EagerDecoder(model, job.prompts.pad_token_id), next(model.parameters()).device
+    length = max(job.config.quality.reference_tokens, text_tokens)
+
     def greedy(force_length: bool) -> list[list[int]]:
-        return [decoder.generate(ids.to(first), length, force_length, lambda: None) for ids in prepared.input_ids]
+        return [decoder.generate(ids.to(first), length, force_length, lambda: None) for ids in job.prompts.input_ids]
 
     forced = greedy(True)
-    logprobs, perplexities = score(model, job, prepared, [c[: job.quality.reference_tokens] for c in forced])
+    logprobs, perplexities = score(model, job, [c[: job.config.quality.reference_tokens] for c in forced])
     result = Reference(forced, greedy(False) if free else None, length, logprobs, perplexities)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(dataclasses.asdict(result), staging)
-    os.replace(staging, path)
+    with replaced(path) as staging:
+        torch.save(dataclasses.asdict(result), staging)
     return result
 
 
@@ -153,15 +153,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def measure(model, job: JobConfig, prepared, ref: Reference, outputs: list[list[int]]) -> dict[str, float]:
+def measure(model: PreTrainedModel, job: Job, ref: Reference, outputs: list[list[int]]) -> dict[str, float]:
     """Quality metrics of a run against the reference. `outputs`: the run's greedy tokens per
     prompt, compared with the reference's greedy tokens over the same span (the run's length for
     that prompt) under the same stopping rule (forced length, or free to stop at end-of-sequence)."""
-    forced = [c[: job.quality.reference_tokens] for c in ref.forced]
-    logprobs, perplexities = score(model, job, prepared, forced)
+    logprobs, perplexities = score(model, job, [c[: job.config.quality.reference_tokens] for c in ref.forced])
     kl = torch.cat([kl_divergence(r, q) for r, q in zip(ref.logprobs, logprobs)])
     top1 = torch.cat([(r.argmax(-1) == q.argmax(-1)).float() for r, q in zip(ref.logprobs, logprobs)])
-    texts = [ref.text(i, n, job.generation.force_length) for i, n in enumerate(prepared.new_tokens)]
+    texts = [ref.text(i, n, job.config.force_length) for i, n in enumerate(job.prompts.new_tokens)]
     prefixes = [common_prefix(o, t) for o, t in zip(outputs, texts)]
     metrics = {
         schema.KL_MEAN: kl.mean().item(),

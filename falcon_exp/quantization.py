@@ -10,14 +10,16 @@ model whose layers or footprint do not match the request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from falcon_exp.config import ConfigError, FalconExpError, QuantizationConfig
+from falcon_exp.config import ConfigError, FalconExpError, JobConfig, QuantizationConfig
+from falcon_exp.records import QuantizationReport
 
 # Subclasses of nn.Linear whose forward is exactly nn.Linear's: module path -> class name.
 LINEAR_TWINS = {"transformers.models.falcon.modeling_falcon": "FalconLinear"}
@@ -29,24 +31,26 @@ class QuantizationNotRealised(FalconExpError):
     """The model that loaded is not the model that was asked for."""
 
 
-def bnb_config(quant: QuantizationConfig):
-    """The BitsAndBytesConfig for a request; None for the unquantized baseline."""
+def bnb_config(config: JobConfig) -> Any:
+    """The BitsAndBytesConfig for a job's request; None for the unquantized baseline."""
     from transformers import BitsAndBytesConfig
 
-    if quant.bits == 4:
+    quant = config.quantization
+    if config.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
             bnb_4bit_use_double_quant=quant.double_quant,
         )
-    if quant.bits == 8:
+    if config.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(quant.int8_threshold))
     return None
 
 
-def from_checkpoint_config(raw: dict, source: str) -> QuantizationConfig:
-    """A checkpoint's own `quantization_config` (its config.json) as the request it amounts to."""
+def request_of_checkpoint(raw: dict, source: str, asked: QuantizationConfig) -> tuple[int, QuantizationConfig]:
+    """A checkpoint's own `quantization_config` (its config.json) as the request it amounts to:
+    its bits, and `asked` with the settings it fixes replaced."""
     method = raw.get("quant_method")
     if method != "bitsandbytes":
         raise ConfigError(f"{source} holds {method} weights; falcon-exp measures bitsandbytes 4- and 8-bit weights only")
@@ -55,17 +59,17 @@ def from_checkpoint_config(raw: dict, source: str) -> QuantizationConfig:
         if storage != "uint8":
             raise ConfigError(f"{source} stores its 4-bit weights as {storage}; falcon-exp measures uint8 storage only")
         compute = str(raw.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
-        return QuantizationConfig(bits=4, quant_type=raw.get("bnb_4bit_quant_type", "fp4"), compute_dtype=compute,
-                                  double_quant=bool(raw.get("bnb_4bit_use_double_quant")), from_checkpoint=True)
+        return 4, dataclasses.replace(asked, quant_type=raw.get("bnb_4bit_quant_type", "fp4"), compute_dtype=compute,
+                                      double_quant=bool(raw.get("bnb_4bit_use_double_quant")))
     if raw.get("load_in_8bit") or raw.get("_load_in_8bit"):
-        return QuantizationConfig(bits=8, int8_threshold=float(raw.get("llm_int8_threshold", 6.0)), from_checkpoint=True)
+        return 8, dataclasses.replace(asked, int8_threshold=float(raw.get("llm_int8_threshold", 6.0)))
     raise ConfigError(f"{source} has a bitsandbytes quantization_config in neither 4 nor 8 bits")
 
 
-def differences(asked: QuantizationConfig, found: QuantizationConfig) -> list[str]:
-    """`key asked X, found Y` for each setting that applies to either and differs."""
-    a, f = asked.knobs(), found.knobs()
-    return [f"{k} asked {a.get(k, '-')}, found {f.get(k, '-')}" for k in dict.fromkeys([*a, *f]) if a.get(k) != f.get(k)]
+def differences(asked: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """`key asked X, found Y` for each setting (config.knobs) that applies to either and differs."""
+    return [f"{k} asked {asked.get(k, '-')}, found {found.get(k, '-')}" for k in dict.fromkeys([*asked, *found])
+            if asked.get(k) != found.get(k)]
 
 
 @contextlib.contextmanager
@@ -83,34 +87,24 @@ def quantizable_linears() -> Iterator[None]:
             setattr(module, class_name, original)
 
 
-def cpu_kernel(quant: QuantizationConfig) -> str | None:
+def cpu_kernel(config: JobConfig) -> str | None:
     """Which bitsandbytes kernel a batch-1 decode step runs on this CPU: CPU timings of nf4 and
     int8 depend on it more than on anything else, and CPUs differ (AVX-512, AVX-512-BF16)."""
-    if quant.bits == 16:
+    if config.bits == 16:
         return None
     import bitsandbytes.backends.cpu.ops as cpu
     from bitsandbytes.functional import has_avx512bf16
 
     capability = torch.backends.cpu.get_cpu_capability()
-    if quant.bits == 4:
+    if config.bits == 4:
         if not has_avx512bf16():
-            return f"4-bit: dequantize, then a {quant.compute_dtype} matmul (bitsandbytes' default; CPU {capability}, no AVX512-BF16)"
+            return f"4-bit: dequantize, then a {config.quantization.compute_dtype} matmul (bitsandbytes' default; CPU {capability}, no AVX512-BF16)"
         if getattr(cpu, "gemm_4bit_forward_kernel", None) is not None:
             return "4-bit: fused gemm_4bit_forward (kernels-community hub kernel, AVX512-BF16)"
         return "4-bit: fused gemv_4bit_inference_cpu (bitsandbytes' native library, AVX512-BF16)"
     if getattr(cpu, "_has_avx512", False):
         return "int8: torch._int_mm (AVX-512)"
     return f"int8: a float32 matmul of the int8 values (bitsandbytes' default; CPU {capability}, no AVX-512)"
-
-
-@dataclass(frozen=True)
-class QuantizationReport:
-    """What the loaded model really is."""
-
-    linear_layers: int
-    quantized_layers: int
-    weights_bytes: int
-    realised: str  # "4bit", "8bit" or "none"
 
 
 def inspect(model: torch.nn.Module) -> QuantizationReport:
@@ -149,16 +143,16 @@ def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield scb
 
 
-def _layer_findings(name: str, module: torch.nn.Module, quant: QuantizationConfig, dtype: torch.dtype) -> dict[str, tuple]:
+def _layer_findings(module: torch.nn.Module, bits: int, quant: QuantizationConfig, dtype: torch.dtype) -> dict[str, tuple]:
     """What one linear layer holds against what was asked: {property: (asked, found)} where they differ."""
     import bitsandbytes as bnb
 
     weight = module.weight
-    if quant.bits == 16:
+    if bits == 16:
         kind = "bitsandbytes" if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) else "plain"
         asked = {"layer": "plain", "weight dtype": dtype}
         found = {"layer": kind, "weight dtype": weight.dtype}
-    elif quant.bits == 4:
+    elif bits == 4:
         state = getattr(weight, "quant_state", None)
         shape = tuple(state.shape) if state is not None else tuple(weight.shape)
         asked = {"layer": "Linear4bit", "weight dtype": torch.uint8, "quant_state": "present", "quant_type": quant.quant_type,
@@ -178,7 +172,7 @@ def _layer_findings(name: str, module: torch.nn.Module, quant: QuantizationConfi
     return {key: (asked[key], found[key]) for key in asked if asked[key] != found[key]}
 
 
-def verify(model: torch.nn.Module, quant: QuantizationConfig, dtype: str = "bfloat16") -> QuantizationReport:
+def verify(model: torch.nn.Module, config: JobConfig) -> QuantizationReport:
     """Refuse a model whose layers do not hold what was asked, compared layer by layer with the
     request: layer class, weight storage dtype and bytes, quantization state, 4-bit data type,
     nested quantization and compute dtype, LLM.int8's threshold and row scales. A checkpoint that
@@ -187,20 +181,20 @@ def verify(model: torch.nn.Module, quant: QuantizationConfig, dtype: str = "bflo
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
     mismatches: dict[str, list] = {}
-    for name, module in layers:
-        for key, (asked, found) in _layer_findings(name, module, quant, getattr(torch, dtype)).items():
+    for _, module in layers:
+        for key, (asked, found) in _layer_findings(module, config.bits, config.quantization, getattr(torch, config.dtype)).items():
             mismatches.setdefault(key, [asked, found, 0])[2] += 1
     if mismatches:
         (key, (asked, found, count)), *others = mismatches.items()
         # other layer classes differ in everything else too; otherwise name what else differs
         more = f"; also {', '.join(k for k, _ in others)} differ" if others and key != "layer" else ""
         raise QuantizationNotRealised(
-            f"asked for bits={quant.bits} but the model loaded otherwise: {key} asked {_shown(asked)}, found "
+            f"asked for bits={config.bits} but the model loaded otherwise: {key} asked {_shown(asked)}, found "
             f"{_shown(found)} in {count} of {len(layers)} linear layers{more} (weights {report.weights_bytes / 1e9:.4g} GB); "
             "refusing to log it"
         )
     return report
 
 
-def _shown(value) -> str:
+def _shown(value: object) -> str:
     return str(value).removeprefix("torch.")

@@ -11,7 +11,6 @@ copy (bytes read plus written per second, for comparison with published copy fig
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -19,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from falcon_exp.cache import cache_dir, locked, replaced
 from falcon_exp.console import log
-from falcon_exp.models import cache_dir, locked
 from falcon_exp.quantization import weights_bytes
 
 BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}  # far beyond any cache
@@ -80,9 +79,8 @@ def bandwidth(device: str) -> dict[str, float]:
             log.info(f"bandwidth of {name}: read {known[name]['read'] / 1e9:.0f} GB/s, copy {known[name]['copy'] / 1e9:.0f} GB/s "
                 f"(read + written); cached in {path}")
         if missing:
-            staging = path.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(known, indent=1, sort_keys=True))
-            os.replace(staging, path)
+            with replaced(path) as staging:
+                staging.write_text(json.dumps(known, indent=1, sort_keys=True))
     return {kind: min(known[n][kind] for n in names) for kind in ("read", "copy")}
 
 

@@ -115,6 +115,12 @@ def total(key: str) -> str:
     return f"{key}_total"
 
 
+# Names a run writes only in some circumstances, and when.
+CONDITIONAL = {
+    PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
+    LOAD_S: "when the job loaded its model (not when it reused the last job's)",
+}
+
 # Names of earlier releases, read as today's by the analysis (same meaning, new name).
 RENAMED = {
     "time/tokens_per_s": E2E_TOKENS_PER_S,
@@ -134,10 +140,20 @@ TAG_QUANTIZATION_SOURCE = "falcon_exp.quantization_source"
 TAG_BNB_KERNEL = "falcon_exp.bnb_cpu_kernel"
 TAG_UNMEASURED = "falcon_exp.unmeasured"
 TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
-TAG_SWEEP_DIR = "falcon_exp.sweep_dir"
+TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
 TAG_CONFIG_HASH = "falcon_exp.config_hash"
 TAG_ERROR = "falcon_exp.error"
 TAG_TEXT = "falcon_exp.text"
 TAG_OUTPUT_DIR = "falcon_exp.output_dir"
+TAG_UNTESTED_VERSIONS = "falcon_exp.untested_versions"
 TAG_GIT_COMMIT = "git.commit"
 TAG_DEVICE_NAME = "device.name"
+
+CONDITIONAL |= {
+    TAG_FAST_FALLBACK: "when generation.fast runs without compilation or without a CUDA graph",
+    TAG_UNMEASURED: "when a figure could not be measured (it then has no value)",
+    TAG_ROOFLINE_WARNING: "when a sample decodes faster than the floor allows",
+    TAG_BNB_KERNEL: "on a CPU run in 4 or 8 bits",
+    TAG_TEXT: "for synthetic weights",
+    TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
+}

@@ -17,29 +17,34 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falcon_exp import schema
-from falcon_exp.config import FalconExpError, JobConfig
+from falcon_exp.config import FalconExpError
 from falcon_exp.environment import commit as environment_commit
-from falcon_exp.measure import median, repetition_std
-from falcon_exp.runner import JobResult
+from falcon_exp.records import JobResult, median, repetition_std
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Run
+
+    from falcon_exp.job import Job
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 # A tracking server that goes away should fail a job in seconds, not after MLflow's default
 # minutes of retries; a user's own settings win.
-for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
-    os.environ.setdefault(_key, _value)
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def _client():
+def _client() -> MlflowClient:
     from mlflow import MlflowClient
 
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=tracking_uri())
 
 
@@ -106,9 +111,8 @@ def source_tags(tags: dict[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def job_run(
-    job: JobConfig, name: str, tags: dict[str, str], config_yaml: str, parent_run_id: str | None, output_dir: str | None
-) -> Iterator[str]:
+def job_run(job: Job, name: str, tags: dict[str, str], config_yaml: str, parent_run_id: str | None, output_dir: str | None
+            ) -> Iterator[str]:
     """One MLflow run around a job: FINISHED on success, FAILED with the error attached on an
     exception, KILLED on Ctrl-C. Yields the run id."""
     from mlflow.entities import Param, RunTag
@@ -117,13 +121,13 @@ def job_run(
     run_tags = source_tags(dict(tags) | {schema.TAG_CONFIG_HASH: job.identity})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(job.experiment), run_name=name, tags=run_tags)
+    run = client.create_run(experiment_id(job.config.tracking.experiment), run_name=name, tags=run_tags)
     run_id = run.info.run_id
-    params = [Param(k, _param_value(v)) for k, v in sorted(job.flat.items())] + [Param("mode", job.mode)]
+    params = [Param(k, _param_value(v)) for k, v in sorted(job.config.flat.items())] + [Param("mode", job.config.mode)]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
     client.log_text(run_id, config_yaml, "config/config.yaml")
-    client.log_text(run_id, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in job.prompts.items), "config/prompts.jsonl")
+    client.log_text(run_id, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in job.config.prompts.items), "config/prompts.jsonl")
     if output_dir and (Path(output_dir) / ".hydra").is_dir():
         client.log_artifacts(run_id, str(Path(output_dir) / ".hydra"), "hydra")
     try:
@@ -140,10 +144,10 @@ def job_run(
     client.set_terminated(run_id, "FINISHED")
 
 
-def finished_run(job: JobConfig) -> str | None:
+def finished_run(job: Job) -> str | None:
     """The id of a FINISHED run of exactly this configuration, if the store has one."""
     found = _client().search_runs(
-        [experiment_id(job.experiment)],
+        [experiment_id(job.config.tracking.experiment)],
         filter_string=f"tags.falcon_exp.config_hash = '{job.identity}' and attributes.status = 'FINISHED'",
         max_results=1,
     )
@@ -158,11 +162,11 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def _metrics_of(job: JobConfig, result: JobResult) -> list:
+def _metrics_of(job: Job, result: JobResult) -> list[Metric]:
     """Every metric of a finished job: per sample at its step, and the run's figures."""
     from mlflow.entities import Metric
 
-    now, reps = int(time.time() * 1000), job.generation.repetitions
+    now, reps = int(time.time() * 1000), job.config.repetitions
     points: list[Metric] = []
 
     def log(key: str, value: float, step: int = 0) -> None:
@@ -229,7 +233,7 @@ def _tags_of(result: JobResult) -> dict[str, str]:
     return tags
 
 
-def log_result(run_id: str, job: JobConfig, result: JobResult) -> None:
+def log_result(run_id: str, job: Job, result: JobResult) -> None:
     """Metrics, tags and generated texts of a finished job."""
     from mlflow.entities import RunTag
 
@@ -260,7 +264,7 @@ def start_sweep_run(experiment: str, name: str, sweep_dir: Path, params: dict[st
     return run.info.run_id
 
 
-def end_sweep_run(parent_run_id: str) -> list:
+def end_sweep_run(parent_run_id: str) -> list[Run]:
     """Close the parent run: FAILED when any child did not finish. Returns the children."""
     client = _client()
     parent = client.get_run(parent_run_id)
@@ -273,7 +277,7 @@ def end_sweep_run(parent_run_id: str) -> list:
     return children
 
 
-def print_summary(children: list) -> None:
+def print_summary(children: list[Run]) -> None:
     """A table of a sweep's runs (names never cut), and the command that opens the UI."""
     nan = float("nan")
     names = [(run.info.run_name or run.info.run_id).split(",") for run in children]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Small but real: the tiny Falcon, two prompts, a few forced tokens.
-QUICK = ["model=tiny-falcon", "max_length=null", "max_new_tokens=6", "repetitions=2", "warmup=1"]
+QUICK = ["model=tiny-falcon", "max_length=null", "max_new_tokens=6", "repetitions=2", "warmup=1", "quality.enabled=false"]
 
 
 @pytest.fixture
@@ -21,11 +22,37 @@ def store(tmp_path, monkeypatch) -> str:
     return uri
 
 
+TWO_PROMPTS = "- Name three colours.\n- What is an A/B test?\n"
+
+
 @pytest.fixture
 def two_prompts(tmp_path) -> Path:
     path = tmp_path / "two.yaml"
-    path.write_text("- Name three colours.\n- What is an A/B test?\n")
+    path.write_text(TWO_PROMPTS)
     return path
+
+
+@dataclass(frozen=True)
+class Sweep:
+    uri: str
+    root: Path
+    done: subprocess.CompletedProcess
+
+
+TINY_SWEEP = ("max_length=24,32", "bits=4,8,16")  # max_length first: jobs still run grouped by weights
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Sweep:
+    """One real sweep that many tests only read: the tiny Falcon in 4, 8 and 16 bits at two
+    max_lengths, two prompts, two repetitions, one warm-up, quality on, its own store and cache."""
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    (root / "two.yaml").write_text(TWO_PROMPTS)
+    uri = f"sqlite:///{root}/mlflow.db"
+    done = run_cli("-m", *TINY_SWEEP, "model=tiny-falcon", "repetitions=2", "warmup=1", f"prompts.file={root / 'two.yaml'}",
+                   cwd=root, env={"MLFLOW_TRACKING_URI": uri, "FALCON_EXP_CACHE": str(root / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Sweep(uri, root, done)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "falcon_exp", timeout: int = 900):
@@ -75,22 +102,45 @@ def runs_of(uri: str, experiment: str = "falcon-exp"):
     return sorted(runs, key=lambda r: r.info.start_time), client
 
 
-def save_tiny_falcon(path: Path, seed: int = 0, quantization=None, eos_token_id: int | None = None) -> Path:
+def compose(*overrides: str):
+    """A JobConfig composed by Hydra from the packaged config, as the command line would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from falcon_exp.config import CONF_DIR, JobConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return JobConfig.from_hydra(hydra_compose("config", overrides=list(overrides)))
+
+
+def resolve_job(*overrides: str):
+    """A resolved Job (weights found, prompts tokenised), as a job starts."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from falcon_exp.config import CONF_DIR
+    from falcon_exp.job import resolve
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return resolve(hydra_compose("config", overrides=list(overrides)))
+
+
+def save_tiny_falcon(path: Path, seed: int = 0, quantization: tuple[str, ...] = (), eos_token_id: int | None = None) -> Path:
     """A local tiny-Falcon checkpoint directory as users have them: weights (bf16, or quantized by
-    bitsandbytes when `quantization` is a QuantizationConfig), config, tokenizer."""
+    bitsandbytes as the `quantization` overrides ask, e.g. ("bits=4",)), config, tokenizer."""
     import shutil
 
     import torch
     from transformers.models.falcon.modeling_falcon import FalconForCausalLM
 
-    from falcon_exp.models import architecture_config, synthetic_state_dict, synthetic_tokenizer_dir
     from falcon_exp.quantization import bnb_config, quantizable_linears
+    from falcon_exp.weights import architecture_config, synthetic_state_dict, synthetic_tokenizer_dir
 
     config = architecture_config("tiny-falcon")
     state = synthetic_state_dict(config, seed, torch.bfloat16, True)
     with quantizable_linears():
         model = FalconForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=torch.bfloat16, device_map="cpu",
-                                                  quantization_config=bnb_config(quantization) if quantization else None)
+                                                  quantization_config=bnb_config(compose(*quantization)) if quantization else None)
     if eos_token_id is not None:
         model.generation_config.eos_token_id = eos_token_id
     model.save_pretrained(path)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from falcon_exp.config import CONF_DIR, ConfigError, JobConfig, check_group_overrides, flatten, read_prompts_file
-
-
-def job(*overrides: str) -> JobConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return JobConfig.from_hydra(compose("config", overrides=list(overrides)))
+from conftest import compose as job
+from falcon_exp.config import ConfigError, check_group_overrides, flatten, read_prompts_file
 
 
 def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():
@@ -19,7 +14,7 @@ def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():
     assert config.prompts.name == "seed_en" and len(config.prompts.items) == 5
     assert config.prompts.items[4] == "What are the steps to perform an A/B test?"
     assert (config.quantization.quant_type, config.quantization.compute_dtype) == ("nf4", "bfloat16")
-    assert config.flat["bits"] == 4 and config.flat["quantization.int8_threshold"] == 6.0
+    assert config.bits == 4 and config.flat["bits"] == 4 and config.flat["quantization.int8_threshold"] == 6.0
     assert config.flat["prompts.name"] == "seed_en" and config.flat["model.name"] == "smollm2-135m-instruct"
 
 

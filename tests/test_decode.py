@@ -11,34 +11,33 @@ import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from conftest import compose, resolve_job
 from falcon_exp import roofline
-from falcon_exp.config import CONF_DIR, JobConfig
 from falcon_exp.decode import EagerDecoder, FastDecoder, graph_safe_falcon
 from falcon_exp.measure import timed_generate
-from falcon_exp.models import _load
+from falcon_exp.models import load
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47]]
 
 
-def tiny_job(*overrides: str) -> JobConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return JobConfig.from_hydra(compose("config", overrides=["model=tiny-falcon", *overrides]))
+def tiny_job(*overrides: str):
+    return compose("model=tiny-falcon", *overrides)
 
 
 @pytest.fixture(scope="module", params=[16, 4, 8])
 def tiny(request):
     """float32 activations: in bf16 a random model's near-tied logits round differently when the
     static cache's attention spans its padded length, which tests rounding, not the decoder."""
-    job = tiny_job(f"bits={request.param}", "dtype=float32", "quantization.compute_dtype=float32")
-    return job, _load(job, "cpu").model
+    job = resolve_job("model=tiny-falcon", f"bits={request.param}", "dtype=float32", "quantization.compute_dtype=float32",
+                      "device=cpu")
+    return job.config, load(job).model
 
 
 @pytest.mark.parametrize("force_length", [True, False])
 def test_fast_path_picks_the_same_tokens_as_generate(tiny, force_length):
     job, model = tiny
-    fast = FastDecoder(model, max_tokens=8 + 24, quantization=job.quantization, device="cpu")
+    fast = FastDecoder(model, max_tokens=8 + 24, config=job, device="cpu")
     eager = EagerDecoder(model, pad_token_id=2)
     for prompt in PROMPTS:
         ids = torch.tensor([prompt])
@@ -48,13 +47,14 @@ def test_fast_path_picks_the_same_tokens_as_generate(tiny, force_length):
             assert len(expected) == 24
 
 
+@pytest.mark.slow
 def test_the_compiled_decode_step_picks_the_same_tokens(tiny):
     """On a GPU the step is compiled before capture; compiled here, on the CPU, it must still
     pick generate's tokens (bf16, nf4 and int8 weights), and dynamo must really have compiled it."""
     from torch._dynamo.utils import counters
 
     job, model = tiny
-    fast = FastDecoder(model, max_tokens=8 + 12, quantization=job.quantization, device="cpu")
+    fast = FastDecoder(model, max_tokens=8 + 12, config=job, device="cpu")
     torch._dynamo.reset()
     counters.clear()
     fast._step = torch.compile(fast._step, dynamic=False)
@@ -66,7 +66,7 @@ def test_the_compiled_decode_step_picks_the_same_tokens(tiny):
 
 def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):
     job, model = tiny
-    fast = FastDecoder(model, max_tokens=32, quantization=job.quantization, device="cpu")
+    fast = FastDecoder(model, max_tokens=32, config=job, device="cpu")
     assert fast.path == "static_cache" and "CUDA graphs need a CUDA device" in fast.fallback
     timing, generated = timed_generate(fast, torch.tensor([PROMPTS[0]]), 10, True, "cpu")
     assert len(generated) == timing.new_tokens == 10
@@ -77,8 +77,8 @@ def test_int8_with_outlier_threshold_names_why_it_cannot_be_graphed():
     job = tiny_job("bits=8", "quantization.int8_threshold=6.0")
     decoder = FastDecoder.__new__(FastDecoder)
     decoder.model = torch.nn.Linear(2, 2)
-    assert "int8_threshold=6.0" in decoder._why_no_graph(job.quantization, "cuda")
-    assert decoder._why_no_graph(tiny_job("bits=8", "quantization.int8_threshold=0").quantization, "cuda") is None
+    assert "int8_threshold=6.0" in decoder._why_no_graph(job, "cuda")
+    assert decoder._why_no_graph(tiny_job("bits=8", "quantization.int8_threshold=0"), "cuda") is None
 
 
 def test_generation_fast_is_validated():
@@ -123,7 +123,7 @@ def test_the_fast_path_reads_its_whole_static_cache_at_every_step(tiny):
     """Attention over a static cache runs over all its positions (the unused ones masked), so a
     short text in a long cache reads the whole cache: the floor must count that, not the text."""
     job, model = tiny
-    fast = FastDecoder(model, max_tokens=64, quantization=job.quantization, device="cpu")
+    fast = FastDecoder(model, max_tokens=64, config=job, device="cpu")
     fast.generate(torch.tensor([PROMPTS[1]]), 4, True, lambda: None)
     per_token = EagerDecoder(model, pad_token_id=2).kv_bytes_per_token
     assert fast.kv_bytes_per_token == per_token
@@ -141,6 +141,7 @@ def test_bandwidth_is_measured_once_per_machine_read_and_copy(tmp_path, monkeypa
     assert roofline.bandwidth("cpu")["read"] != 789.0  # measured anew: that file had no read bandwidth
 
 
+@pytest.mark.slow
 def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_file(tmp_path):
     """Three processes start together on an empty cache: one measures (the others would slow its
     measurement and theirs), the others wait and read its figures."""
@@ -178,9 +179,8 @@ def test_bitsandbytes_int8_cast_warning_is_logged_once(caplog):
 
 def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
     """Decoding faster than the floor allows means the floor's bytes or bandwidth are wrong."""
-    from falcon_exp.measure import Timing
     from falcon_exp.quantization import inspect
-    from falcon_exp.runner import JobResult, Sample
+    from falcon_exp.records import JobResult, Sample, Timing
     from falcon_exp.tracking import _tags_of
 
     job, model = tiny

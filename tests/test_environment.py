@@ -37,3 +37,20 @@ def test_cpu_tags_name_what_they_hold():
     assert tags["torch.threads"] == str(torch.get_num_threads()) and "cpu_count" not in tags
     assert int(tags["cpu.cores"]) == len(os.sched_getaffinity(0))
     assert tags["cpu.capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_a_library_at_a_version_not_tested_is_said(monkeypatch):
+    from falcon_exp import environment
+
+    monkeypatch.setitem(environment.TESTED, "transformers", ("0.0.1",))
+    (line,) = environment.untested_versions()
+    assert line.startswith("transformers ") and line.endswith("(tested: 0.0.1)")
+    assert describe("cpu")["falcon_exp.untested_versions"] == line
+
+
+def test_the_tested_versions_are_the_constraints_files():
+    from falcon_exp.environment import TESTED
+
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
+    for package, tested in TESTED.items():
+        assert pins[package] in tested, package

@@ -8,11 +8,10 @@ import time
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import run_cli
 
-from falcon_exp.config import QuantizationConfig
-from falcon_exp.models import architecture_config, synthetic_state_dict
+from conftest import compose, run_cli
 from falcon_exp.quantization import bnb_config, quantizable_linears, verify
+from falcon_exp.weights import architecture_config, synthetic_state_dict
 
 
 @pytest.mark.parametrize("name", ["falcon-7b-instruct", "falcon-40b-instruct"])
@@ -43,20 +42,20 @@ def test_missing_hub_weights_fail_in_seconds_with_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits, layer", [(4, bnb.nn.Linear4bit), (8, bnb.nn.Linear8bitLt)])
-def test_a_two_layer_falcon_40b_is_quantized_through_the_real_path(bits, layer):
-    """Full 40B width (hidden 8192, 128 heads, 8 KV groups), two of its 60 layers."""
+def test_a_falcon_40b_layer_is_quantized_through_the_real_path(bits, layer):
+    """Full 40B width (hidden 8192, 128 heads, 8 KV groups), one of its 60 layers."""
     from transformers.models.falcon.modeling_falcon import FalconForCausalLM
 
     config = architecture_config("falcon-40b")
-    config.num_hidden_layers = 2
+    config.num_hidden_layers = 1
     state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=False)
-    quant = QuantizationConfig(bits=bits)
+    quant = compose("model=falcon-40b-instruct", "model.weights=synthetic", f"bits={bits}")
     with quantizable_linears():
         model = FalconForCausalLM.from_pretrained(
             None, config=config, state_dict=state, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu"
         )
     quantized = [n for n, m in model.named_modules() if isinstance(m, layer)]
-    assert len(quantized) == 2 * 4 and verify(model, quant).quantized_layers == 8
+    assert len(quantized) == 4 and verify(model, quant).quantized_layers == 4
     qkv = model.transformer.h[0].self_attention.query_key_value
     assert (qkv.in_features, qkv.out_features) == (8192, (128 + 2 * 8) * 64)
     with torch.inference_mode():

@@ -11,15 +11,16 @@ import torch
 
 from falcon_exp import measure
 from falcon_exp.decode import EagerDecoder
-from falcon_exp.measure import MemoryProbe, median, repetition_std, timed_generate
+from falcon_exp.measure import MemoryProbe, timed_generate
 from falcon_exp.quantization import quantizable_linears
+from falcon_exp.records import median, repetition_std
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     from transformers.models.falcon.modeling_falcon import FalconForCausalLM
 
-    from falcon_exp.models import architecture_config, synthetic_state_dict
+    from falcon_exp.weights import architecture_config, synthetic_state_dict
 
     config = architecture_config("tiny-falcon")
     state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=True)

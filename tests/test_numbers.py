@@ -6,10 +6,10 @@ cache directory."""
 from __future__ import annotations
 
 import pytest
+
 from conftest import run_cli, runs_of, save_tiny_falcon
 
-from falcon_exp.config import QuantizationConfig
-
+pytestmark = pytest.mark.slow
 FEW = ["repetitions=1", "warmup=0", "max_length=null", "quality.eval_tokens=32"]
 
 
@@ -27,7 +27,7 @@ def children(store):
 
 def test_a_prequantized_checkpoint_is_refused_when_it_holds_other_than_asked(isolated):
     tmp_path, store = isolated
-    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=QuantizationConfig(bits=4, double_quant=True))
+    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.double_quant=true"))
     done = run_cli(f"model.path={nf4}", "bits=4", "quantization.quant_type=fp4", *FEW, "max_new_tokens=4", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
@@ -38,7 +38,7 @@ def test_a_prequantized_checkpoint_is_refused_when_it_holds_other_than_asked(iso
 
 def test_a_prequantized_checkpoint_taken_as_found_is_logged_as_found(isolated):
     tmp_path, store = isolated
-    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=QuantizationConfig(bits=4, double_quant=True))
+    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.double_quant=true"))
     done = run_cli(f"model.path={nf4}", "bits=8", "quantization.from_checkpoint=true", *FEW, "max_new_tokens=4",
                    f"prompts.file={tmp_path / 'two.yaml'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,8 +58,8 @@ def _greedy_tokens(path, prompt: str, count: int) -> list[int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from falcon_exp.decode import EagerDecoder
+    from falcon_exp.job import encode
     from falcon_exp.quantization import quantizable_linears
-    from falcon_exp.runner import encode
 
     with quantizable_linears():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)

@@ -7,20 +7,26 @@ import pytest
 import torch
 from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
 
-from falcon_exp.config import ConfigError, QuantizationConfig
-from falcon_exp.models import architecture_config, synthetic_state_dict
+from conftest import compose
+from falcon_exp.config import ConfigError, JobConfig, knobs
 from falcon_exp.quantization import (
     QuantizationNotRealised,
     bnb_config,
     differences,
-    from_checkpoint_config,
     inspect,
     quantizable_linears,
+    request_of_checkpoint,
     verify,
 )
+from falcon_exp.weights import architecture_config, synthetic_state_dict
 
 
-def load_falcon(quant: QuantizationConfig, make_quantizable: bool = True, **shape):
+def ask(bits: int, **settings) -> JobConfig:
+    """A tiny-Falcon job asking for these bits and quantization settings, composed as on the command line."""
+    return compose("model=tiny-falcon", f"bits={bits}", *(f"quantization.{k}={v}" for k, v in settings.items()))
+
+
+def load_falcon(quant: JobConfig, make_quantizable: bool = True, **shape):
     config = architecture_config("tiny-falcon")
     for key, value in shape.items():
         setattr(config, key, value)
@@ -34,21 +40,21 @@ def load_falcon(quant: QuantizationConfig, make_quantizable: bool = True, **shap
 
 @pytest.mark.parametrize("bits, layer", [(4, bnb.nn.Linear4bit), (8, bnb.nn.Linear8bitLt)])
 def test_every_falcon_linear_but_the_head_is_quantized(bits, layer):
-    model = load_falcon(QuantizationConfig(bits=bits))
+    model = load_falcon(ask(bits))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(linears) == 4 * 4 + 1  # four per layer, and the output head
     assert all(isinstance(m, layer) for n, m in linears.items() if n != "lm_head")
     assert not isinstance(linears["lm_head"], layer)
-    report = verify(model, QuantizationConfig(bits=bits))
+    report = verify(model, ask(bits))
     assert report.quantized_layers == 16 and report.realised == f"{bits}bit"
 
 
 def test_transformers_alone_leaves_falcon_unquantized_and_verify_refuses_it():
     """The silent failure of REFERENCE.md: FalconLinear is not exactly nn.Linear."""
-    model = load_falcon(QuantizationConfig(bits=4), make_quantizable=False)
+    model = load_falcon(ask(4), make_quantizable=False)
     assert inspect(model).realised == "none"
     with pytest.raises(QuantizationNotRealised, match="layer asked Linear4bit, found FalconLinear in 16 of 16 linear layers"):
-        verify(model, QuantizationConfig(bits=4))
+        verify(model, ask(4))
 
 
 def test_the_twin_class_is_restored_after_loading():
@@ -60,7 +66,7 @@ def test_the_twin_class_is_restored_after_loading():
 
 
 def test_weight_footprints_order_4_8_16_and_count_the_scales():
-    sizes = {bits: inspect(load_falcon(QuantizationConfig(bits=bits))).weights_bytes for bits in (4, 8, 16)}
+    sizes = {bits: inspect(load_falcon(ask(bits))).weights_bytes for bits in (4, 8, 16)}
     assert sizes[4] < sizes[8] < sizes[16]
     linear_params = 4 * (256 * 384 + 256 * 256 + 2 * 256 * 1024)
     embedding = 49152 * 256 * 2
@@ -73,18 +79,18 @@ def test_weight_footprints_order_4_8_16_and_count_the_scales():
 
 
 def test_bnb_config_carries_every_knob():
-    four = bnb_config(QuantizationConfig(bits=4, quant_type="fp4", compute_dtype="float16", double_quant=True))
+    four = bnb_config(ask(4, quant_type="fp4", compute_dtype="float16", double_quant=True))
     assert (four.bnb_4bit_quant_type, four.bnb_4bit_compute_dtype, four.bnb_4bit_use_double_quant) == ("fp4", torch.float16, True)
-    eight = bnb_config(QuantizationConfig(bits=8, int8_threshold=0.0))
+    eight = bnb_config(ask(8, int8_threshold=0.0))
     assert eight.load_in_8bit and eight.llm_int8_threshold == 0.0
-    assert bnb_config(QuantizationConfig(bits=16)) is None
+    assert bnb_config(ask(16)) is None
 
 
 def test_verify_refuses_a_partly_quantized_model():
-    model = load_falcon(QuantizationConfig(bits=8))
+    model = load_falcon(ask(8))
     model.transformer.h[0].mlp.dense_h_to_4h = torch.nn.Linear(256, 1024)
     with pytest.raises(QuantizationNotRealised, match="layer asked Linear8bitLt, found Linear in 1 of 16 linear layers"):
-        verify(model, QuantizationConfig(bits=8))
+        verify(model, ask(8))
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +98,12 @@ def saved(tmp_path_factory):
     """Pre-quantized checkpoints as users download them: nf4 with nested quantization, and
     LLM.int8 with an outlier threshold of 3."""
     root = tmp_path_factory.mktemp("prequantized")
-    load_falcon(QuantizationConfig(bits=4, double_quant=True)).save_pretrained(root / "nf4-double")
-    load_falcon(QuantizationConfig(bits=8, int8_threshold=3.0)).save_pretrained(root / "int8-t3")
+    load_falcon(ask(4, double_quant=True)).save_pretrained(root / "nf4-double")
+    load_falcon(ask(8, int8_threshold=3.0)).save_pretrained(root / "int8-t3")
     return root
 
 
-def load_checkpoint(path, quant: QuantizationConfig):
+def load_checkpoint(path, quant: JobConfig):
     from transformers import AutoModelForCausalLM
 
     with quantizable_linears():
@@ -105,11 +111,11 @@ def load_checkpoint(path, quant: QuantizationConfig):
 
 
 @pytest.mark.parametrize("checkpoint, asked, message", [
-    ("nf4-double", QuantizationConfig(bits=4, quant_type="fp4"), "quant_type asked fp4, found nf4 in 16 of 16 linear layers; also double_quant"),
-    ("nf4-double", QuantizationConfig(bits=4, double_quant=False), "double_quant asked False, found True in 16 of 16"),
-    ("nf4-double", QuantizationConfig(bits=4, double_quant=True, compute_dtype="float32"), "compute_dtype asked float32, found bfloat16"),
-    ("int8-t3", QuantizationConfig(bits=8), "int8_threshold asked 6.0, found 3.0 in 16 of 16"),
-    ("int8-t3", QuantizationConfig(bits=4), "layer asked Linear4bit, found Linear8bitLt"),
+    ("nf4-double", ask(4, quant_type="fp4"), "quant_type asked fp4, found nf4 in 16 of 16 linear layers; also double_quant"),
+    ("nf4-double", ask(4, double_quant=False), "double_quant asked False, found True in 16 of 16"),
+    ("nf4-double", ask(4, double_quant=True, compute_dtype="float32"), "compute_dtype asked float32, found bfloat16"),
+    ("int8-t3", ask(8), "int8_threshold asked 6.0, found 3.0 in 16 of 16"),
+    ("int8-t3", ask(4), "layer asked Linear4bit, found Linear8bitLt"),
 ])
 def test_a_checkpoints_own_quantization_is_found_layer_by_layer(saved, checkpoint, asked, message):
     """transformers loads a checkpoint's own quantization_config and ignores the request (with a
@@ -120,29 +126,31 @@ def test_a_checkpoints_own_quantization_is_found_layer_by_layer(saved, checkpoin
 
 
 def test_what_a_checkpoint_holds_passes_as_asked(saved):
-    asked = QuantizationConfig(bits=4, double_quant=True)
+    asked = ask(4, double_quant=True)
     assert verify(load_checkpoint(saved / "nf4-double", asked), asked).realised == "4bit"
-    asked = QuantizationConfig(bits=8, int8_threshold=3.0)
+    asked = ask(8, int8_threshold=3.0)
     assert verify(load_checkpoint(saved / "int8-t3", asked), asked).realised == "8bit"
 
 
 def test_a_bitsandbytes_layer_holding_unquantized_weights_does_not_pass():
     """A Linear4bit whose weight was never quantized (no quant_state, bf16 storage) is a
     bitsandbytes class in name only."""
-    model = load_falcon(QuantizationConfig(bits=4))
+    model = load_falcon(ask(4))
     model.transformer.h[0].mlp.dense_h_to_4h = bnb.nn.Linear4bit(256, 1024, bias=False, compute_dtype=torch.bfloat16,
                                                                  quant_type="nf4")
     with pytest.raises(QuantizationNotRealised, match="weight dtype asked uint8, found float32 in 1 of 16"):
-        verify(model, QuantizationConfig(bits=4))
+        verify(model, ask(4))
 
 
 def test_the_checkpoints_own_settings_are_read_as_a_request():
-    four = from_checkpoint_config({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                   "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}, "ckpt")
-    assert (four.bits, four.quant_type, four.compute_dtype, four.double_quant, four.from_checkpoint) == (4, "nf4", "bfloat16", True, True)
-    eight = from_checkpoint_config({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 3.0}, "ckpt")
-    assert (eight.bits, eight.int8_threshold) == (8, 3.0)
-    assert differences(QuantizationConfig(bits=4, quant_type="fp4"), four) == [
+    asked = ask(4, quant_type="fp4")
+    bits, four = request_of_checkpoint({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}, "ckpt", asked.quantization)
+    assert (bits, four.quant_type, four.compute_dtype, four.double_quant) == (4, "nf4", "bfloat16", True)
+    bits, eight = request_of_checkpoint({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 3.0}, "ckpt",
+                                        asked.quantization)
+    assert (bits, eight.int8_threshold) == (8, 3.0)
+    assert differences(asked.knobs(), knobs(4, four)) == [
         "quantization.quant_type asked fp4, found nf4", "quantization.double_quant asked False, found True"]
     with pytest.raises(ConfigError, match="holds gptq weights"):
-        from_checkpoint_config({"quant_method": "gptq", "bits": 4}, "ckpt")
+        request_of_checkpoint({"quant_method": "gptq", "bits": 4}, "ckpt", asked.quantization)

@@ -9,11 +9,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import QUICK, run_cli, runs_of, start_mlflow_server
+
+pytestmark = pytest.mark.slow
 
 
 def test_ctrl_c_marks_the_run_and_its_sweep_killed_and_keeps_the_store(tmp_path, store):
-    args = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions"))]
+    args = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))] + ["warmup=0"]
     process = subprocess.Popen(
         [sys.executable, "-m", "falcon_exp", "-m", "bits=4,8", *args, "max_new_tokens=64", "repetitions=50"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=os.environ,

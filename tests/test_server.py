@@ -10,12 +10,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import QUICK, REPO, run_cli, start_mlflow_server
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1500,900", "--virtual-time-budget=20000"]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

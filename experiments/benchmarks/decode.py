@@ -20,11 +20,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from falcon_exp import roofline
-from falcon_exp.config import CONF_DIR, JobConfig
-from falcon_exp.decode import EagerDecoder, decoder_for
+from falcon_exp.config import CONF_DIR
+from falcon_exp.decode import EagerDecoder, FastDecoder
+from falcon_exp.job import resolve
 from falcon_exp.measure import Clock, synchronize, timed_generate
 from falcon_exp.models import MODELS
-from falcon_exp.runner import prepare
 
 
 def bare_generate(model, input_ids, tokens: int, device: str, pad: int) -> float:
@@ -110,19 +110,17 @@ def main() -> None:
         overrides = [f"model={args.model}", f"bits={bits}", "max_length=null", f"max_new_tokens={args.tokens}",
                      "quality.enabled=false", *args.set] + ([f"model.weights={args.weights}"] if args.weights else [])
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            job = JobConfig.from_hydra(compose("config", overrides=overrides))
-        prepared = prepare(job)
+            job = resolve(compose("config", overrides=overrides))
         loaded, _ = MODELS.get(job)
-        model, device, pad = loaded.model, loaded.device, prepared.pad_token_id
-        ids = prepared.input_ids[0].to(next(model.parameters()).device)
+        model, device, pad = loaded.model, job.device, job.prompts.pad_token_id
+        ids = job.prompts.input_ids[0].to(next(model.parameters()).device)
         name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-        print(f"\n== {args.model} {job.mode} on {name}, prompt {ids.shape[1]} tokens, {args.tokens} new tokens ==")
+        print(f"\n== {args.model} {job.config.mode} on {name}, prompt {ids.shape[1]} tokens, {args.tokens} new tokens ==")
         print("(1) the harness's overhead")
         overhead(model, ids, args.tokens, device, pad, args.rounds)
         bandwidth = roofline.bandwidth(device)["read"]
         weights = roofline.weight_bytes_per_step(model)
-        decoders = {fast: decoder_for(model, fast, ids.shape[1] + args.tokens, job.quantization, device, pad)
-                    for fast in (False, True)}
+        decoders = {False: EagerDecoder(model, pad), True: FastDecoder(model, ids.shape[1] + args.tokens, job.config, device)}
         print("(2) against torch's profiler")
         for decoder in decoders.values():
             against_profiler(decoder, ids, args.tokens, device)

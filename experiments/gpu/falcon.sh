@@ -7,7 +7,7 @@ store=${STORE:-$PWD/mlruns}
 mkdir -p "$store"
 export MLFLOW_TRACKING_URI="sqlite:///$store/mlflow.db" HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$store/gpus.csv"
-run() { python -m falcon_exp -m tracking.experiment=falcon-gpu model.weights=synthetic experiment=article,recommended "$@"; }
+run() { python -m falcon_exp -m tracking.experiment=falcon-gpu model.weights=synthetic preset=article,recommended "$@"; }
 case ${1:?say what to run} in
   tiny)      python -m falcon_exp -m model=tiny-falcon bits=4,8,16 max_length=40 tracking.experiment=falcon-gpu-smoke ;;
   40b-int8)  CUDA_VISIBLE_DEVICES=0 run model=falcon-40b-instruct bits=8 ;;  # loaded once for both settings

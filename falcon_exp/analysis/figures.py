@@ -5,16 +5,15 @@ hash salt, and rows in a stable order."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import matplotlib as mpl
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from falcon_exp import schema  # noqa: E402
-from falcon_exp.analysis.tables import MODE_ORDER, column, ordered, peak_memory  # noqa: E402
+from falcon_exp import schema
+from falcon_exp.analysis.tables import MODE_ORDER, column, ordered, peak_memory
 
 STYLE = {
     "font.family": "DejaVu Sans",
@@ -33,13 +32,18 @@ METADATA = {
 PEAK_LABEL = "peak memory GB (allocator over GPUs, else host RSS)"
 
 
-def _save(figure, directory: Path, stem: str) -> list[Path]:
+def _figure(ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot: no global backend or figure registry to touch)."""
+    figure = Figure(**kwargs)
+    return figure, figure.subplots(1, ncols)
+
+
+def _save(figure: Figure, directory: Path, stem: str) -> list[Path]:
     paths = []
     for suffix, metadata in METADATA.items():
         path = directory / f"{stem}.{suffix}"
         figure.savefig(path, metadata=metadata, bbox_inches="tight")
         paths.append(path)
-    plt.close(figure)
     return paths
 
 
@@ -53,12 +57,12 @@ def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
 
 
-def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
+def memory_and_time_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
     """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
     mode (the median), error bars spanning the repetitions (min to max)."""
     data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
     data = data.assign(**{"peak GB": peak_memory(data, schema.SAMPLE), "prompt": data["prompt_index"] + 1})
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, axes = _figure(2, figsize=(10, 3.8))
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
     for axis, key, title in ((axes[0], "peak GB", PEAK_LABEL), (axes[1], schema.sample(schema.GENERATE_S), "generate s (per prompt)")):
         sns.barplot(data=data, x="prompt", y=key, hue="config", hue_order=order, estimator="median",
@@ -71,11 +75,11 @@ def memory_and_time_per_prompt(runs, samples, keys, directory) -> list[Path]:
     return _save(figure, directory, "memory_time_per_prompt")
 
 
-def tradeoff(runs, keys, directory) -> list[Path]:
+def tradeoff(runs: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
     """Peak memory against decode time per token: one point per configuration."""
     decode = schema.DECODE_MS_PER_TOKEN
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
-    figure, axis = plt.subplots(figsize=(6, 4.2))
+    figure, axis = _figure(figsize=(6, 4.2))
     sns.scatterplot(data=runs, x="peak", y=decode, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
     axis.errorbar(runs["peak"], runs[decode], yerr=column(runs, decode + schema.REP_STD).fillna(0),
                   fmt="none", ecolor="grey", elinewidth=1, capsize=3)
@@ -87,24 +91,25 @@ def tradeoff(runs, keys, directory) -> list[Path]:
     return _save(figure, directory, "tradeoff")
 
 
-def latency_per_prompt(runs, samples, keys, directory) -> list[Path]:
+def latency_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
     """Decode time per token for each prompt, error bars across repetitions (min to max)."""
     data = samples.merge(runs[["run_id"]].assign(config=_label(runs, keys)), on="run_id")
     data = data.assign(prompt=data["prompt_index"] + 1)
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = _figure(figsize=(7, 4))
     sns.pointplot(data=data, x="prompt", y=schema.sample(schema.DECODE_MS_PER_TOKEN), hue="config", hue_order=order,
-                  estimator="median", errorbar=("pi", 100), dodge=0.3, capsize=0.1, linestyle="none", ax=axis)
+                  estimator="median", errorbar=("pi", 100), dodge=0.3 if len(order) > 1 else False, capsize=0.1,
+                  linestyle="none", ax=axis)  # seaborn divides by (configurations - 1) to dodge
     axis.set_ylabel("decode ms/token")
     axis.set_title("Per-prompt decode latency (median; bars: min to max over repetitions)")
     sns.move_legend(axis, "upper left", bbox_to_anchor=(1, 1), title=None)
     return _save(figure, directory, "latency_per_prompt")
 
 
-def time_vs_max_length(runs, samples, directory) -> list[Path]:
+def time_vs_max_length(runs: pd.DataFrame, samples: pd.DataFrame, directory: Path) -> list[Path]:
     """End-to-end time per prompt against max_length, a line per mode."""
     data = samples.merge(runs[["run_id", "mode", "max_length"]], on="run_id")
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = _figure(figsize=(6, 4))
     sns.lineplot(data=data, x="max_length", y=schema.sample(schema.GENERATE_S), hue="mode", hue_order=_modes(runs),
                  marker="o", estimator="median", errorbar=("pi", 50), ax=axis)
     axis.set_ylabel("generate s per prompt (median; band: IQR over prompts x repetitions)")
@@ -112,9 +117,9 @@ def time_vs_max_length(runs, samples, directory) -> list[Path]:
     return _save(figure, directory, "time_vs_max_length")
 
 
-def quality_vs_memory(runs, keys, metric, directory) -> list[Path]:
+def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, directory: Path) -> list[Path]:
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
-    figure, axis = plt.subplots(figsize=(6, 4.2))
+    figure, axis = _figure(figsize=(6, 4.2))
     sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue="mode", hue_order=_modes(runs), s=70, ax=axis)
     for _, row in runs.iterrows():
         axis.annotate(row["config"], (row[schema.WEIGHTS_GB], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
@@ -130,7 +135,7 @@ QUALITY_METRICS = (schema.KL_MEAN, schema.perplexity_ratio("en"))
 def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    with plt.rc_context(STYLE), sns.axes_style("whitegrid"):
+    with mpl.rc_context(STYLE), sns.axes_style("whitegrid"):
         sns.set_palette("colorblind")
         paths += memory_and_time_per_prompt(runs, samples, keys, directory)
         paths += tradeoff(runs, keys, directory)

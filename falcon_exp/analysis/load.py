@@ -40,7 +40,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_string: str = ""):
+def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_string: str = "") -> tuple[list, str, str | None]:
     """The runs to analyse: a sweep's children (the latest sweep by default, or a parent run id),
     or with sweep=None every run of the experiment that is not a sweep's parent."""
     from falcon_exp.config import FalconExpError

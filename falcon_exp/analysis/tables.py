@@ -38,7 +38,7 @@ KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.nam
 MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
 
 
-def column(frame: pd.DataFrame, key: str, default=float("nan")) -> pd.Series:
+def column(frame: pd.DataFrame, key: str, default: object = float("nan")) -> pd.Series:
     """A logged column, or `default` in every row where no run logged `key`."""
     return frame.get(key, pd.Series(default, index=frame.index))
 

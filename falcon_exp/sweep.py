@@ -1,0 +1,111 @@
+"""A sweep (`-m`): one parent run in MLflow, what its jobs share, and its end.
+
+The callback resolves every job before any runs (bad input in any job stops the sweep with one
+line, exit 2), opens the parent run and writes the sweep file every job reads, in this process or
+another (joblib, SLURM); at the end it closes the parent run, prints the summary, and exits 1 if
+any job failed. Light to import: the inference stack loads only once a sweep really starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from falcon_exp import tracking
+from falcon_exp.config import ConfigError, FalconExpError, JobConfig, override_key
+from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail
+from falcon_exp.records import SweepNeeds
+
+SWEEP_FILE = "falcon_exp_sweep.json"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What the jobs of a sweep share, in whatever process or machine runs them (joblib, SLURM),
+    through a file in the sweep folder: the parent run; the override keys whose values differ
+    between jobs (they name the child runs); what the jobs need of the quality reference."""
+
+    parent_run_id: str
+    varying: tuple[str, ...]
+    needs: SweepNeeds
+
+    def save(self, sweep_dir: Path) -> None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def of(cls, sweep_dir: Path) -> Sweep | None:
+        path = sweep_dir / SWEEP_FILE
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(raw["parent_run_id"], tuple(raw["varying"]), SweepNeeds(**raw["needs"]))
+
+
+def varying_keys(jobs: list[list[str]]) -> tuple[str, ...]:
+    """The override keys whose value is not the same in every job, in command-line order."""
+    values: dict[str, set[str]] = {}
+    for overrides in jobs:
+        for override in overrides:
+            values.setdefault(override_key(override), set()).add(override.partition("=")[2])
+    return tuple(key for key, seen in values.items() if len(seen) > 1)
+
+
+class SweepCallback(Callback):
+    """Before a sweep: resolve every job and open the parent run. After: close it, print the
+    summary, exit 1 if any job failed."""
+
+    parent: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        loader = GlobalHydra.instance().config_loader()
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
+        jobs = [list(o) for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
+        configs = [loader.load_sweep_config(config, o) for o in jobs]
+        try:
+            for job_config in configs:  # cheap checks of every job first: a bad value fails in a second
+                JobConfig.from_hydra(job_config)
+            from falcon_exp.console import quiet_third_party
+            from falcon_exp.job import resolve
+
+            quiet_third_party()
+            resolved = [resolve(c) for c in configs]
+            tracking.check_store()
+        except FalconExpError as error:
+            fail(error, EXIT_BAD_INPUT)
+        experiments = {job.config.tracking.experiment for job in resolved}
+        if len(experiments) > 1:
+            fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
+        varying = varying_keys(jobs)
+        common = {override_key(o): o.partition("=")[2] for o in jobs[0] if override_key(o) not in varying}
+        name = "sweep " + (" ".join(config.hydra.overrides.task) or "defaults")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.parent = tracking.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
+        needs = SweepNeeds(longest_new_tokens=max(max(job.prompts.new_tokens) for job in resolved),
+                                  stops_early=any(not job.config.force_length for job in resolved))
+        Sweep(self.parent, varying, needs).save(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent is None:
+            return
+        try:
+            children = tracking.end_sweep_run(self.parent)
+        except Exception as error:  # noqa: BLE001 - the store went away during the sweep
+            fail(f"could not close the sweep's run {self.parent} in {tracking.tracking_uri()}: {tracking.one_line(error)}",
+                 EXIT_JOB_FAILED)
+        tracking.print_summary(children)
+        failed = [c for c in children if c.info.status != "FINISHED"]
+        if failed:
+            print(f"falcon-exp: {len(failed)} of {len(children)} jobs failed", file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOB_FAILED)

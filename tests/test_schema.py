@@ -1,0 +1,61 @@
+"""One name, one place: every name the analysis reads is one that a run writes, and the analysis
+reads MLflow without the inference stack."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, runs_of
+from falcon_exp import schema
+
+ANALYSIS = REPO / "falcon_exp" / "analysis"
+
+
+def schema_names_read(path: Path) -> set[str]:
+    """The names a module reads through the schema: each outermost `schema.X` or `schema.f(...)`
+    expression, evaluated."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        target = node.func if isinstance(node, ast.Call) else node
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "schema":
+            value = eval(compile(ast.Expression(node), str(path), "eval"), {"schema": schema})  # our own source
+            if isinstance(value, str) and value not in (schema.SAMPLE, schema.REP_STD):
+                found.add(value)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+@pytest.mark.slow
+def test_every_name_the_analysis_reads_is_written_by_a_run(tiny_sweep):
+    from falcon_exp.analysis import tables
+
+    children = [r for r in runs_of(tiny_sweep.uri)[0] if "mlflow.parentRunId" in r.data.tags]
+    written = set()
+    for run in children:
+        written |= set(run.data.metrics) | set(run.data.tags) | set(run.data.params)
+    read = set().union(*(schema_names_read(p) for p in ANALYSIS.glob("*.py")))
+    read |= {key + schema.REP_STD for key in tables.SPREAD}
+    read |= {k for k in [*tables.KEYS, *tables.RESULT_COLUMNS] if k not in (tables.PEAK_GB, "run_id")}  # params, by config key
+    assert len(read) > 40
+    unwritten = sorted(name for name in read - written if name not in schema.CONDITIONAL)
+    assert unwritten == [], f"the analysis reads names no run writes: {unwritten}"
+
+
+def test_the_analysis_imports_no_inference_stack():
+    """A laptop with no GPU stack makes the figures: importing the analysis (and its command)
+    loads neither torch nor transformers nor bitsandbytes, in a fresh interpreter."""
+    code = ("import sys, falcon_exp.analysis, falcon_exp.analysis.__main__, falcon_exp.tracking\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
