@@ -3,13 +3,14 @@ and run the job, or with `-m` the sweep."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from falcon_exp.config import ConfigError, JobConfig, check_group_overrides, load_order, renamed_groups
-from falcon_exp.console import EXIT_BAD_INPUT, fail
+from falcon_exp.console import EXIT_BAD_INPUT, fail, stop_on_signals, stopped_by
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -34,7 +35,17 @@ def cli() -> None:
     except ConfigError as error:
         fail(error, EXIT_BAD_INPUT)
     sys.argv[1:] = load_order(arguments)
-    main()
+    stop_on_signals()
+    try:
+        main()
+    except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP: the runs are KILLED in MLflow; one line, no traceback
+        from falcon_exp.sweep import close_open_sweep
+
+        close_open_sweep(f"stopped by {stopped_by(error)}")
+        name = stopped_by(error)
+        print(f"falcon-exp: stopped by {name}; the running job and its sweep are KILLED in MLflow "
+              "(resume=true re-runs what did not finish)", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.Signals[name].value)
 
 
 if __name__ == "__main__":

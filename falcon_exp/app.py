@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from falcon_exp import environment, runner, schema, tracking
 from falcon_exp.config import FalconExpError, override_key
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet_third_party
+from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet_third_party, stop_on_signals, stopped_by
 from falcon_exp.job import Job, resolve
 from falcon_exp.models import MODELS
 from falcon_exp.records import SweepNeeds
@@ -71,6 +71,7 @@ def _tags(job: Job) -> dict[str, str]:
 
 def run_job(cfg: DictConfig) -> str:
     """One Hydra job. Returns the MLflow run status."""
+    stop_on_signals()  # also in a joblib worker or a SLURM job, whose process gets the signal
     quiet_third_party()
     try:
         job = resolve(cfg)
@@ -81,9 +82,12 @@ def run_job(cfg: DictConfig) -> str:
     sweep = Sweep.of(sweep_dir) if sweep_dir else None
     parent = sweep.parent_run_id if sweep else None
     name = job_name(job, sweep)
-    if job.config.resume and (done := tracking.finished_run(job)):
-        log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
-        return "SKIPPED"
+    if job.config.resume:
+        for closed in tracking.close_orphans(job):
+            log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
+        if done := tracking.finished_run(job):
+            log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
+            return "SKIPPED"
     tags = _tags(job)
     try:
         hydra_dir = HydraConfig.get().runtime.output_dir
@@ -94,10 +98,10 @@ def run_job(cfg: DictConfig) -> str:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
             tracking.log_result(run_id, job, result)
-    except KeyboardInterrupt:  # the job's run is KILLED already; so is its sweep
+    except KeyboardInterrupt as error:  # the job's run is KILLED already; so is its sweep
         MODELS.clear()
         if parent:
-            tracking.end_run(parent, "KILLED")
+            tracking.end_run(parent, "KILLED", f"stopped by {stopped_by(error)}")
         raise
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
@@ -108,5 +112,5 @@ def run_job(cfg: DictConfig) -> str:
     for sample in result.samples:
         if sample.repetition == 0:
             print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
-    log.info(f"run {name} FINISHED in {tracking.tracking_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
+    log.info(f"run {name} FINISHED in {tracking.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
     return "FINISHED"

@@ -20,14 +20,19 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
-    """Serialise work on one cache entry between parallel jobs on one machine."""
-    with open(cache_dir() / f".{name}.lock", "w") as handle:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) between processes of one machine."""
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def locked(name: str) -> contextlib.AbstractContextManager[None]:
+    """Serialise work on one cache entry between parallel jobs on one machine."""
+    return file_lock(cache_dir() / f".{name}.lock")
 
 
 @contextlib.contextmanager

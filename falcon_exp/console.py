@@ -5,8 +5,10 @@ informative line."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from typing import NoReturn
+import threading
+from typing import Any, NoReturn
 
 log = logging.getLogger("falcon_exp")
 
@@ -18,6 +20,41 @@ def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """One line on stderr and the exit code; no traceback (the error is the user's to fix)."""
     print(f"falcon-exp: error: {error}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal asked the process to stop: Ctrl-C (SIGINT), a cluster's time limit or pre-emption
+    (SIGTERM), a closed terminal (SIGHUP). Handled as Ctrl-C is: the running job's run and its
+    sweep end as KILLED."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """Turn SIGINT, SIGTERM and SIGHUP into `Stopped`. Once stopping, further signals wait: the
+    runs are being closed in MLflow, and a second Ctrl-C must not leave them RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach the main thread only
+
+    def waiting(signum: int, frame: Any) -> None:
+        print(f"falcon-exp: {signal.Signals(signum).name} while stopping: closing the runs in MLflow first", file=sys.stderr, flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        for other in STOP_SIGNALS:
+            signal.signal(other, waiting)
+        raise Stopped(signal.Signals(signum).name)
+
+    for each in STOP_SIGNALS:
+        signal.signal(each, stop)
+
+
+def stopped_by(error: BaseException) -> str:
+    return error.name if isinstance(error, Stopped) else "SIGINT"
 
 
 class ConsoleFormatter(logging.Formatter):

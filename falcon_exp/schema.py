@@ -143,6 +143,7 @@ TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
 TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
 TAG_CONFIG_HASH = "falcon_exp.config_hash"
 TAG_ERROR = "falcon_exp.error"
+TAG_PROCESS = "falcon_exp.process"  # host:pid of the process that ran it
 TAG_TEXT = "falcon_exp.text"
 TAG_OUTPUT_DIR = "falcon_exp.output_dir"
 TAG_UNTESTED_VERSIONS = "falcon_exp.untested_versions"

@@ -58,6 +58,19 @@ def varying_keys(jobs: list[list[str]]) -> tuple[str, ...]:
     return tuple(key for key, seen in values.items() if len(seen) > 1)
 
 
+_OPEN: list[str] = []  # the parent run this process opened and has not closed
+
+
+def close_open_sweep(why: str) -> None:
+    """End the sweep this process opened as KILLED (a signal stopped it), if it is still RUNNING."""
+    while _OPEN:
+        parent = _OPEN.pop()
+        try:
+            tracking.end_run(parent, "KILLED", why)
+        except Exception as error:  # noqa: BLE001 - the store is gone too: say so, in one line
+            print(f"falcon-exp: error: could not close the sweep's run {parent}: {tracking.one_line(error)}", file=sys.stderr)
+
+
 class SweepCallback(Callback):
     """Before a sweep: resolve every job and open the parent run. After: close it, print the
     summary, exit 1 if any job failed."""
@@ -91,7 +104,11 @@ class SweepCallback(Callback):
         common = {override_key(o): o.partition("=")[2] for o in jobs[0] if override_key(o) not in varying}
         name = "sweep " + (" ".join(config.hydra.overrides.task) or "defaults")
         sweep_dir = Path(config.hydra.sweep.dir)
+        if (other := Sweep.of(sweep_dir)) and tracking.run_status(other.parent_run_id) == "RUNNING":
+            fail(f"hydra.sweep.dir={str(sweep_dir)!r} holds the sweep file of sweep {other.parent_run_id}, which is still RUNNING; "
+                 "two sweeps must not share a folder: give each its own hydra.sweep.dir", EXIT_BAD_INPUT)
         self.parent = tracking.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
+        _OPEN.append(self.parent)
         needs = SweepNeeds(longest_new_tokens=max(max(job.prompts.new_tokens) for job in resolved),
                                   stops_early=any(not job.config.force_length for job in resolved))
         Sweep(self.parent, varying, needs).save(sweep_dir)
@@ -101,8 +118,9 @@ class SweepCallback(Callback):
             return
         try:
             children = tracking.end_sweep_run(self.parent)
+            _OPEN.remove(self.parent)
         except Exception as error:  # noqa: BLE001 - the store went away during the sweep
-            fail(f"could not close the sweep's run {self.parent} in {tracking.tracking_uri()}: {tracking.one_line(error)}",
+            fail(f"could not close the sweep's run {self.parent} in {tracking.shown_uri()}: {tracking.one_line(error)}",
                  EXIT_JOB_FAILED)
         tracking.print_summary(children)
         failed = [c for c in children if c.info.status != "FINISHED"]

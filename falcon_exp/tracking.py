@@ -7,20 +7,25 @@ units and meanings.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from falcon_exp import schema
+from falcon_exp.cache import file_lock
 from falcon_exp.config import FalconExpError
+from falcon_exp.console import stopped_by
 from falcon_exp.environment import commit as environment_commit
 from falcon_exp.records import JobResult, median, repetition_std
 
@@ -48,29 +53,53 @@ def _client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as it may be printed: a password in it (`http://user:pass@host`,
+    `postgresql://user:pass@host/db`) becomes `***`."""
+    uri = uri or tracking_uri()
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def check_store(timeout_s: float = 5.0) -> None:
-    """Fail in seconds, naming the URI, when the store cannot be reached or written."""
-    uri = tracking_uri()
+    """Fail in seconds, naming the URI (without its password), when the store cannot be reached or written."""
+    uri, shown = tracking_uri(), shown_uri()
     if uri.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(uri)
+        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        request = urllib.request.Request(bare.rstrip("/") + "/health")
+        if parts.username is not None:  # credentials go in a header: urllib refuses them in the address
+            token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}".encode())
+            request.add_header("Authorization", f"Basic {token.decode()}")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 response.read()
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
-            raise FalconExpError(f"the MLflow tracking server {uri} is unreachable ({reason})") from None
+            raise FalconExpError(f"the MLflow tracking server {shown} is unreachable ({reason})") from None
         return
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
+        if database.is_dir():
+            raise FalconExpError(f"the MLflow store {shown} is a directory; give the path of a database file, e.g. sqlite:///mlruns/mlflow.db")
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise FalconExpError(f"the MLflow store {uri} cannot be created ({error.strerror})") from None
+            raise FalconExpError(f"the MLflow store {shown} cannot be created ({error.strerror})") from None
         if not os.access(database.parent, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
-            raise FalconExpError(f"the MLflow store {uri} is not writable")
+            raise FalconExpError(f"the MLflow store {shown} is not writable")
+    # MLflow creates or migrates a SQLite store's tables on first use; two sweeps starting together
+    # would race doing it: one at a time
+    lock = file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")) if uri.startswith("sqlite:///") else contextlib.nullcontext()
     try:
-        _client().search_experiments(max_results=1)
+        with lock:
+            _client().search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means: no usable store
-        raise FalconExpError(f"the MLflow store {uri} cannot be used: {str(error).splitlines()[0]}") from None
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FalconExpError(f"the MLflow store {shown} cannot be used: {message.replace(uri, shown)}") from None
 
 
 def experiment_id(name: str) -> str:
@@ -114,34 +143,74 @@ def source_tags(tags: dict[str, str]) -> dict[str, str]:
 def job_run(job: Job, name: str, tags: dict[str, str], config_yaml: str, parent_run_id: str | None, output_dir: str | None
             ) -> Iterator[str]:
     """One MLflow run around a job: FINISHED on success, FAILED with the error attached on an
-    exception, KILLED on Ctrl-C. Yields the run id."""
+    exception, KILLED when a signal stops it (from the moment the run exists). Yields the run id."""
     from mlflow.entities import Param, RunTag
 
     client = _client()
-    run_tags = source_tags(dict(tags) | {schema.TAG_CONFIG_HASH: job.identity})
+    run_tags = source_tags(dict(tags) | {schema.TAG_CONFIG_HASH: job.identity, schema.TAG_PROCESS: process_id()})
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id(job.config.tracking.experiment), run_name=name, tags=run_tags)
     run_id = run.info.run_id
-    params = [Param(k, _param_value(v)) for k, v in sorted(job.config.flat.items())] + [Param("mode", job.config.mode)]
-    for start in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[start : start + 100])
-    client.log_text(run_id, config_yaml, "config/config.yaml")
-    client.log_text(run_id, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in job.config.prompts.items), "config/prompts.jsonl")
-    if output_dir and (Path(output_dir) / ".hydra").is_dir():
-        client.log_artifacts(run_id, str(Path(output_dir) / ".hydra"), "hydra")
     try:
+        params = [Param(k, _param_value(v)) for k, v in sorted(job.config.flat.items())] + [Param("mode", job.config.mode)]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+        client.log_text(run_id, config_yaml, "config/config.yaml")
+        prompts = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in job.config.prompts.items)
+        client.log_text(run_id, prompts, "config/prompts.jsonl")
+        if output_dir and (Path(output_dir) / ".hydra").is_dir():
+            client.log_artifacts(run_id, str(Path(output_dir) / ".hydra"), "hydra")
         yield run_id
-    except KeyboardInterrupt:
-        client.set_tag(run_id, "falcon_exp.error", "KeyboardInterrupt: stopped by the user")
+    except KeyboardInterrupt as error:
+        client.set_tag(run_id, schema.TAG_ERROR, f"stopped by {stopped_by(error)}")
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException as error:
-        client.log_batch(run_id, tags=[RunTag("falcon_exp.error", one_line(error))])
+        client.log_batch(run_id, tags=[RunTag(schema.TAG_ERROR, one_line(error))])
         client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def process_id() -> str:
+    """`host:pid` of this process, so that a run it leaves RUNNING can be told from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def close_orphans(job: Job) -> list[str]:
+    """Runs of exactly this configuration left RUNNING by a process that is gone (SIGKILL, a lost
+    node): closed as FAILED with the reason, before `resume=true` runs the job again, so that no
+    run is silently duplicated. A RUNNING run of a live process on this host is left alone.
+    Returns what was closed, one line each."""
+    client, closed = _client(), []
+    found = client.search_runs([experiment_id(job.config.tracking.experiment)],
+                               filter_string=f"tags.{schema.TAG_CONFIG_HASH} = '{job.identity}' and attributes.status = 'RUNNING'")
+    for run in found:
+        owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
+        host, _, pid = owner.partition(":")
+        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+            continue
+        where = "its process is gone" if host == socket.gethostname() else "on another host, taken as gone since resume was asked"
+        client.set_tag(run.info.run_id, schema.TAG_ERROR, f"left RUNNING by process {owner} ({where}); closed by resume=true")
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(f"{run.info.run_name} ({run.info.run_id})")
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent and client.get_run(parent).info.status == "RUNNING":
+            client.set_tag(parent, schema.TAG_ERROR, f"a job was left RUNNING by process {owner}; closed by resume=true")
+            client.set_terminated(parent, "FAILED")
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def finished_run(job: Job) -> str | None:
@@ -154,8 +223,22 @@ def finished_run(job: Job) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def end_run(run_id: str, status: str) -> None:
-    _client().set_terminated(run_id, status)
+def run_status(run_id: str) -> str | None:
+    """A run's status, or None where the store has no such run."""
+    try:
+        return _client().get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - MLflow raises its own error for an unknown id
+        return None
+
+
+def end_run(run_id: str, status: str, why: str | None = None) -> None:
+    """End a run (a sweep's parent, stopped) unless it has ended already."""
+    client = _client()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    if why:
+        client.set_tag(run_id, schema.TAG_ERROR, why)
+    client.set_terminated(run_id, status)
 
 
 def _param_value(value: Any) -> str:
@@ -255,7 +338,7 @@ def log_result(run_id: str, job: Job, result: JobResult) -> None:
 def start_sweep_run(experiment: str, name: str, sweep_dir: Path, params: dict[str, str]) -> str:
     """The parent run of a sweep, with the overrides common to all its jobs as params."""
     client = _client()
-    tags = source_tags({schema.TAG_SWEEP_DIR: str(sweep_dir)})
+    tags = source_tags({schema.TAG_SWEEP_DIR: str(sweep_dir), schema.TAG_PROCESS: process_id()})
     run = client.create_run(experiment_id(experiment), run_name=name, tags=tags)
     if params:
         from mlflow.entities import Param
@@ -295,7 +378,7 @@ def print_summary(children: list[Run]) -> None:
             f"{m.get(schema.DECODE_MS_PER_TOKEN, nan):>9.1f} {m.get(schema.DECODE_TOKENS_PER_S, nan):>12.2f}"
         )
     lines.append("peak_gb: allocator peak (a sum of per-GPU peaks), or the process's peak resident memory on a CPU")
-    uri = tracking_uri()
+    uri = shown_uri()
     lines.append(f"runs are in {uri}; compare them with: mlflow ui --backend-store-uri {uri}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 

@@ -133,10 +133,19 @@ def test_a_sweep_with_one_finished_run_is_analysed(tmp_path, own_store, monkeypa
     assert {"comparison.md", "results.csv", "roofline.csv", "memory_time_per_prompt.png", "tradeoff.png", "latency_per_prompt.png"} <= written
 
 
-def test_unknown_experiment_is_one_line(tmp_path, sweep_store, monkeypatch, capsys):
-    out = analyse_in(tmp_path / "f", sweep_store, monkeypatch, capsys, "--experiment", "nope", code=2)
-    assert out.strip().startswith(f"falcon-exp: error: experiment 'nope' is not in {sweep_store}; it has: ")
-    assert "falcon-exp" in out and len(out.strip().splitlines()) == 1
+@pytest.mark.parametrize("args, says", [
+    (("--experiment", "nope"), "experiment 'nope' is not in {uri}; it has: falcon-exp"),
+    (("--sweep", "0123456789abcdef"), "--sweep '0123456789abcdef' is no run in {uri}"),
+    (("--filter", "params.bits = = 4"), "--filter 'params.bits = = 4' is not an MLflow filter"),
+], ids=["unknown experiment", "unknown sweep", "malformed filter"])
+def test_bad_analysis_input_is_one_line_exit_2(tmp_path, sweep_store, monkeypatch, capsys, args, says):
+    out = analyse_in(tmp_path / "f", sweep_store, monkeypatch, capsys, *args, code=2)
+    assert out.strip().startswith("falcon-exp: error: " + says.format(uri=sweep_store)) and len(out.strip().splitlines()) == 1
+
+
+def test_nothing_selected_is_said_in_one_line(tmp_path, sweep_store, monkeypatch, capsys):
+    out = analyse_in(tmp_path / "g", sweep_store, monkeypatch, capsys, "--sweep", "all", "--filter", "params.bits = '3'", code=1)
+    assert "falcon-exp: nothing to analyse" in out
 
 
 def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):

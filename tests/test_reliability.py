@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,21 +17,69 @@ from conftest import QUICK, run_cli, runs_of, start_mlflow_server
 pytestmark = pytest.mark.slow
 
 
-def test_ctrl_c_marks_the_run_and_its_sweep_killed_and_keeps_the_store(tmp_path, store):
-    args = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))] + ["warmup=0"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "falcon_exp", "-m", "bits=4,8", *args, "max_new_tokens=64", "repetitions=50"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=os.environ,
-    )
-    for line in process.stderr:  # wait until timed generation is under way
-        if "prompt 1/5 rep 1/50" in line:
+LONG = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))] + ["warmup=0", "max_new_tokens=64",
+                                                                                             "repetitions=50"]
+
+
+def start_and_stop(tmp_path, *signals: signal.Signals, args: tuple[str, ...] = ("-m", "bits=4,8", *LONG),
+                   under_way: str = "prompt 1/5 rep 1/50") -> tuple[int, str]:
+    """Start a long job, wait until timed generation is under way, send the signals; returns
+    the exit code and what it printed after them."""
+    process = subprocess.Popen([sys.executable, "-m", "falcon_exp", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               env=os.environ)
+    for line in process.stderr:
+        if under_way in line:
             break
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert process.returncode != 0
+    for each in signals:
+        process.send_signal(each)
+        time.sleep(0.05)
+    _, rest = process.communicate(timeout=120)
+    return process.returncode, rest
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGHUP,), (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)],
+                         ids=["ctrl-c", "sigterm", "sighup", "signals during shutdown"])
+def test_a_signal_ends_the_run_and_its_sweep_killed_in_one_line(tmp_path, store, signals):
+    """Ctrl-C, SLURM's SIGTERM (time limit, pre-emption), SIGHUP; more signals while stopping
+    wait for the runs to close rather than leave them RUNNING."""
+    code, rest = start_and_stop(tmp_path, *signals)
+    assert code == 128 + signals[0].value
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1].startswith(f"falcon-exp: stopped by {signals[0].name}; the running job and its sweep are KILLED")
     runs, _ = runs_of(store)
     assert [r.info.status for r in runs] == ["KILLED", "KILLED"]  # the sweep, and the one job it reached
     assert runs[1].data.tags["mlflow.parentRunId"] == runs[0].info.run_id
+    assert runs[1].data.tags["falcon_exp.error"] == f"stopped by {signals[0].name}"
+
+
+def test_a_run_left_running_by_a_killed_process_is_closed_by_resume_and_run_again(tmp_path, store):
+    """SIGKILL leaves no chance to close anything: the next `resume=true` finds the run RUNNING
+    with a process that is gone, closes it as FAILED saying so, and runs the job again."""
+    args = ("bits=4", *[a for a in LONG if not a.startswith(("repetitions", "max_new_tokens"))], "repetitions=3", "max_new_tokens=16")
+    code, _ = start_and_stop(tmp_path, signal.SIGKILL, args=args, under_way="prompt 1/5 rep 1/3")
+    assert code == -signal.SIGKILL
+    (orphan,), _ = runs_of(store)
+    assert orphan.info.status == "RUNNING"
+    done = run_cli(*args, "resume=true", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it was left RUNNING by a process that is gone" in done.stderr
+    runs, _ = runs_of(store)
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert "left RUNNING by process" in runs[0].data.tags["falcon_exp.error"]
+
+
+def test_two_sweeps_started_together_keep_their_own_folders_and_runs(tmp_path, store, two_prompts):
+    command = [sys.executable, "-m", "falcon_exp", "-m", "bits=4,8", *QUICK, f"prompts.file={two_prompts}"]
+    sweeps = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for sweep in sweeps:
+        assert sweep.wait(timeout=300) == 0, sweep.stderr.read()[-2000:]
+    runs, _ = runs_of(store)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and len({p.data.tags["falcon_exp.sweep_dir"] for p in parents}) == 2
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.params["bits"] for c in children) == ["4", "8"]
+        assert {Path(c.data.tags["falcon_exp.output_dir"]).parent.name for c in children} == {Path(parent.data.tags["falcon_exp.sweep_dir"]).name}
 
 
 def test_resume_skips_finished_jobs_and_nothing_secret_is_logged(tmp_path, store, two_prompts):

@@ -11,9 +11,9 @@ from falcon_exp.config import FalconExpError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from falcon_exp.tracking import log_figures, tracking_uri
+    from falcon_exp.tracking import log_figures, shown_uri, tracking_uri
 
-    parser = argparse.ArgumentParser(prog="python -m falcon_exp.analysis", description=__doc__)
+    parser = argparse.ArgumentParser(prog="falcon-exp-analysis", description=__doc__)
     parser.add_argument("--experiment", default="falcon-exp", help="MLflow experiment (default: falcon-exp)")
     parser.add_argument("--sweep", default="latest", help="a sweep's parent run id, 'latest' (default), or 'all' for every run")
     parser.add_argument("--filter", default="", help="an MLflow filter, e.g. \"params.bits = '4'\"")
@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except FalconExpError as error:
         print(f"falcon-exp: error: {error}", file=sys.stderr)
         return 2
-    print(f"read {len(loaded.runs)} runs of {loaded.source} from {uri}")
+    print(f"read {len(loaded.runs)} runs of {loaded.source} from {shown_uri(uri)}")
     for line in loaded.skipped:
         print(f"left out: {line}")
     if not written:
-        print("nothing to analyse: no finished run with timing and memory metrics")
+        print("falcon-exp: nothing to analyse: no finished run with timing metrics in what was selected", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")

@@ -43,26 +43,39 @@ def _client(uri: str):
 def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_string: str = "") -> tuple[list, str, str | None]:
     """The runs to analyse: a sweep's children (the latest sweep by default, or a parent run id),
     or with sweep=None every run of the experiment that is not a sweep's parent."""
-    from falcon_exp.config import FalconExpError
+    from mlflow.exceptions import MlflowException
 
+    from falcon_exp.config import FalconExpError
+    from falcon_exp.tracking import shown_uri
+
+    shown = shown_uri(uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise FalconExpError(f"there is no MLflow store at {uri}; run `python -m falcon_exp` first or set MLFLOW_TRACKING_URI")
+        raise FalconExpError(f"there is no MLflow store at {shown}; run `falcon-exp` first or set MLFLOW_TRACKING_URI")
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
-        raise FalconExpError(f"experiment {experiment!r} is not in {uri}; it has: {', '.join(names) or 'none'}")
+        raise FalconExpError(f"experiment {experiment!r} is not in {shown}; it has: {', '.join(names) or 'none'}")
     ids = [found.experiment_id]
+    try:
+        client.search_runs(ids, filter_string=filter_string, max_results=1)
+    except MlflowException as error:
+        raise FalconExpError(f"--filter {filter_string!r} is not an MLflow filter: {str(error).splitlines()[0]}; "
+                             "e.g. \"params.bits = '4'\"") from None
     if sweep == "latest":
-        parents = client.search_runs(ids, filter_string="tags.falcon_exp.sweep_dir LIKE '%'", order_by=["attributes.start_time DESC"], max_results=1)
+        parents = client.search_runs(ids, filter_string=f"tags.{schema.TAG_SWEEP_DIR} LIKE '%'", order_by=["attributes.start_time DESC"],
+                                     max_results=1)
         sweep = parents[0].info.run_id if parents else None
     if sweep:
+        try:
+            parent = client.get_run(sweep)
+        except MlflowException:
+            raise FalconExpError(f"--sweep {sweep!r} is no run in {shown}; give a sweep's parent run id, 'latest' or 'all'") from None
         clause = f"tags.mlflow.parentRunId = '{sweep}'"
         runs = client.search_runs(ids, filter_string=" and ".join(filter(None, [clause, filter_string])), max_results=50000)
-        parent = client.get_run(sweep)
         return runs, f"sweep {parent.info.run_name!r} ({sweep})", sweep
     runs = client.search_runs(ids, filter_string=filter_string, max_results=50000)
-    return [r for r in runs if "falcon_exp.sweep_dir" not in r.data.tags], f"experiment {experiment!r}", None
+    return [r for r in runs if schema.TAG_SWEEP_DIR not in r.data.tags], f"experiment {experiment!r}", None
 
 
 def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest", filter_string: str = "") -> Loaded:
