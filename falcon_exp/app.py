@@ -20,7 +20,7 @@ from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet
 from falcon_exp.job import Job, resolve
 from falcon_exp.models import MODELS
 from falcon_exp.records import SweepNeeds
-from falcon_exp.sweep import Sweep
+from falcon_exp.sweep import Sweep, opened_here
 
 
 def job_name(job: Job, sweep: Sweep | None) -> str:
@@ -98,11 +98,14 @@ def run_job(cfg: DictConfig) -> str:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
             tracking.log_result(run_id, job, result)
-    except KeyboardInterrupt as error:  # the job's run is KILLED already; so is its sweep
+    except KeyboardInterrupt as error:  # the job's run is KILLED already
         MODELS.clear()
-        if parent:
-            tracking.end_run(parent, "KILLED", f"stopped by {stopped_by(error)}")
-        raise
+        if sweep is not None and not opened_here(sweep.parent_run_id):
+            # a job of a sweep run elsewhere (SLURM's SIGTERM at a time limit or scancel, a joblib worker):
+            # it ends, the sweep goes on, and the process that opened the sweep closes it
+            log.error(f"job {name} KILLED: stopped by {stopped_by(error)}")
+            return "KILLED"
+        raise  # this process runs the sweep (or the job alone): the command stops, closing its sweep as KILLED
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
         log.error(f"job {name} FAILED: {tracking.one_line(error)}")

@@ -102,6 +102,9 @@ def describe(device: str) -> dict[str, str]:
         }
     else:
         tags |= {"device.name": tags["cpu"], "device.count": "1"}
+    if os.environ.get("SLURM_JOB_ID"):  # which SLURM job ran it, to find its log or cancel it
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        tags[schema.TAG_SLURM_JOB] = f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
     tags |= {f"version.{p}": _version(p) for p in PACKAGES}
     if untested := untested_versions():
         tags[schema.TAG_UNTESTED_VERSIONS] = "; ".join(untested)

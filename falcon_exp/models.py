@@ -54,6 +54,8 @@ def load(job: Job) -> LoadedModel:
     synchronize(device)
     load_s = time.perf_counter() - start
     model.eval()
+    gc.collect()
+    _return_freed_host_memory()  # what quantizing on load freed (the 16-bit source tensors) is not the generation's
     return LoadedModel(model=model, report=verify(model, config), load_s=load_s)
 
 
@@ -83,8 +85,8 @@ class ModelCache:
 
 
 def _return_freed_host_memory() -> None:
-    """glibc keeps freed heap pages; without this, the next model's peak resident memory would
-    include the last model's (the quality reference's, say)."""
+    """glibc keeps freed heap pages; without this, a generation's peak resident memory would
+    include what loading freed, or the last model (the quality reference's, say)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc

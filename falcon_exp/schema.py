@@ -144,6 +144,7 @@ TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
 TAG_CONFIG_HASH = "falcon_exp.config_hash"
 TAG_ERROR = "falcon_exp.error"
 TAG_PROCESS = "falcon_exp.process"  # host:pid of the process that ran it
+TAG_SLURM_JOB = "slurm.job_id"  # the SLURM job (array_task) that ran it
 TAG_TEXT = "falcon_exp.text"
 TAG_OUTPUT_DIR = "falcon_exp.output_dir"
 TAG_UNTESTED_VERSIONS = "falcon_exp.untested_versions"
@@ -157,4 +158,5 @@ CONDITIONAL |= {
     TAG_BNB_KERNEL: "on a CPU run in 4 or 8 bits",
     TAG_TEXT: "for synthetic weights",
     TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
+    TAG_SLURM_JOB: "in a SLURM job",
 }

@@ -61,6 +61,11 @@ def varying_keys(jobs: list[list[str]]) -> tuple[str, ...]:
 _OPEN: list[str] = []  # the parent run this process opened and has not closed
 
 
+def opened_here(parent_run_id: str) -> bool:
+    """Whether this process opened the sweep (its jobs run here, one after the other)."""
+    return parent_run_id in _OPEN
+
+
 def close_open_sweep(why: str) -> None:
     """End the sweep this process opened as KILLED (a signal stopped it), if it is still RUNNING."""
     while _OPEN:

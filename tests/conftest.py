@@ -102,6 +102,23 @@ def runs_of(uri: str, experiment: str = "falcon-exp"):
     return sorted(runs, key=lambda r: r.info.start_time), client
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM cluster for the session: its environment (SLURM_CONF). Skipped, with
+    the reason, where Debian's slurm-wlm and munge are absent, unless FALCON_EXP_REQUIRE_CLUSTER
+    is set (CI sets it and installs them)."""
+    import cluster
+
+    if (why := cluster.missing()) is not None:
+        if os.environ.get("FALCON_EXP_REQUIRE_CLUSTER"):
+            pytest.fail(f"FALCON_EXP_REQUIRE_CLUSTER is set but {why}")
+        pytest.skip(f"no SLURM cluster here: {why}")
+    root = tmp_path_factory.mktemp("slurm")
+    env = cluster.start(root)
+    yield env
+    cluster.stop(root)
+
+
 def compose(*overrides: str):
     """A JobConfig composed by Hydra from the packaged config, as the command line would."""
     from hydra import compose as hydra_compose

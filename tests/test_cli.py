@@ -75,10 +75,9 @@ def test_readme_names_the_commands_it_promises():
         assert command in readme
 
 
-@pytest.mark.parametrize("launcher", [("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), ("hydra/launcher=submitit_local",)])
-def test_parallel_and_cluster_launchers_log_every_job_into_one_store(tmp_path, store, two_prompts, launcher):
-    """joblib runs jobs side by side; submitit's local executor stands in for SLURM."""
-    done = run_cli("-m", *launcher, "bits=4,8", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path)
+def test_parallel_jobs_log_every_job_into_one_store(tmp_path, store, two_prompts):
+    """joblib runs jobs side by side (SLURM: tests/test_cluster.py)."""
+    done = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "bits=4,8", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs, _ = runs_of(store)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

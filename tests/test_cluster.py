@@ -1,0 +1,53 @@
+"""A real SLURM cluster (one node, tests/cluster.py): a sweep submitted through Hydra's
+submitit_slurm launcher, a job cancelled with `scancel` mid-run, and `resume=true` re-running
+exactly that job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import QUICK, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, store, two_prompts, slurm):
+    launcher = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
+                "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
+    job = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))]
+    command = [sys.executable, "-m", "falcon_exp", "-m", *launcher, "bits=4,8", *job, "max_new_tokens=32", "repetitions=20", "warmup=0",
+               f"prompts.file={two_prompts}"]
+    env = os.environ | slurm
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline, target = time.monotonic() + 180, None
+        while target is None and time.monotonic() < deadline:  # the int8 job has started generating
+            time.sleep(1)
+            if (tmp_path / "mlflow.db").exists():
+                running = [r for r in runs_of(store)[0] if r.data.params.get("bits") == "8" and r.info.status == "RUNNING"]
+                target = running[0].data.tags["slurm.job_id"] if running else None
+        assert target, "the int8 job never started on the cluster"
+        time.sleep(2)
+        subprocess.run(["scancel", target], check=True, env=env)
+        _, err = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 1 and "1 of 2 jobs failed" in err and "Traceback" not in err
+    runs, _ = runs_of(store)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = {r.data.params["bits"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert parent.info.status == "FAILED"
+    assert children["4"].info.status == "FINISHED" and children["4"].data.tags["slurm.job_id"].endswith("_0")
+    assert children["8"].info.status == "KILLED" and children["8"].data.tags["falcon_exp.error"] == "stopped by SIGTERM"
+    # the same sweep again with resume=true: only the cancelled job runs
+    again = subprocess.run([*command, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs, _ = runs_of(store)
+    second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in (None, parent.info.run_id)]
+    assert [(r.data.params["bits"], r.info.status) for r in second] == [("8", "FINISHED")]
+    assert all(r.info.status != "RUNNING" for r in runs)
