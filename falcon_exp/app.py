@@ -20,7 +20,7 @@ from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet
 from falcon_exp.job import Job, resolve
 from falcon_exp.models import MODELS
 from falcon_exp.records import SweepNeeds
-from falcon_exp.sweep import Sweep, opened_here
+from falcon_exp.sweep import Sweep, opened_here, record_outcome
 
 
 def job_name(job: Job, sweep: Sweep | None) -> str:
@@ -70,30 +70,44 @@ def _tags(job: Job) -> dict[str, str]:
 
 
 def run_job(cfg: DictConfig) -> str:
-    """One Hydra job. Returns the MLflow run status."""
+    """One Hydra job. Returns how it ended (FINISHED, FAILED, KILLED, SKIPPED); inside a sweep it
+    also leaves that in the sweep folder for the sweep's end."""
     stop_on_signals()  # also in a joblib worker or a SLURM job, whose process gets the signal
     quiet_third_party()
     try:
         job = resolve(cfg)
-        tracking.check_store()
     except FalconExpError as error:
         fail(error, EXIT_BAD_INPUT)
     sweep_dir = _in_sweep()
     sweep = Sweep.of(sweep_dir) if sweep_dir else None
-    parent = sweep.parent_run_id if sweep else None
     name = job_name(job, sweep)
+    run_id: str | None = None
+
+    def ended(status: str, why: str | None = None) -> str:
+        if sweep_dir is not None:
+            record_outcome(sweep_dir, HydraConfig.get().job.num, name, status, run_id, why)
+        return status
+
+    try:
+        tracking.check_store()
+    except FalconExpError as error:
+        if sweep_dir is None:
+            fail(error, EXIT_BAD_INPUT)
+        log.error(f"job {name} FAILED: {error}")  # the sweep goes on: the store may come back for the next job
+        return ended("FAILED", str(error))
     if job.config.resume:
         for closed in tracking.close_orphans(job):
             log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
         if done := tracking.finished_run(job):
             log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
-            return "SKIPPED"
+            return ended("SKIPPED")
     tags = _tags(job)
     try:
         hydra_dir = HydraConfig.get().runtime.output_dir
         tags[schema.TAG_OUTPUT_DIR] = hydra_dir
     except ValueError:
         hydra_dir = None
+    parent = sweep.parent_run_id if sweep else None
     try:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
@@ -104,16 +118,16 @@ def run_job(cfg: DictConfig) -> str:
             # a job of a sweep run elsewhere (SLURM's SIGTERM at a time limit or scancel, a joblib worker):
             # it ends, the sweep goes on, and the process that opened the sweep closes it
             log.error(f"job {name} KILLED: stopped by {stopped_by(error)}")
-            return "KILLED"
+            return ended("KILLED", f"stopped by {stopped_by(error)}")
         raise  # this process runs the sweep (or the job alone): the command stops, closing its sweep as KILLED
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
         log.error(f"job {name} FAILED: {tracking.one_line(error)}")
         if sweep_dir is None:
             sys.exit(EXIT_JOB_FAILED)
-        return "FAILED"
+        return ended("FAILED", tracking.one_line(error))
     for sample in result.samples:
         if sample.repetition == 0:
             print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
     log.info(f"run {name} FINISHED in {tracking.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
-    return "FINISHED"
+    return ended("FINISHED")

@@ -2,8 +2,9 @@
 
 The callback resolves every job before any runs (bad input in any job stops the sweep with one
 line, exit 2), opens the parent run and writes the sweep file every job reads, in this process or
-another (joblib, SLURM); at the end it closes the parent run, prints the summary, and exits 1 if
-any job failed. Light to import: the inference stack loads only once a sweep really starts.
+another (joblib, SLURM). Every job leaves its outcome in the sweep folder, so that the end knows
+about jobs that could not log a run (the store unreachable) or never reported (SIGKILL); the end
+closes the parent run, prints the summary, and exits 1 if any job failed. Light to import: the inference stack loads only once a sweep really starts.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from omegaconf import DictConfig
 
 from falcon_exp import tracking
 from falcon_exp.config import ConfigError, FalconExpError, JobConfig, override_key
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail
+from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log
 from falcon_exp.records import SweepNeeds
 
 SWEEP_FILE = "falcon_exp_sweep.json"
+OUTCOMES = "falcon_exp_jobs"  # in the sweep folder: one file per job, named by its number
+SUCCEEDED = ("FINISHED", "SKIPPED")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,29 @@ class Sweep:
             return None
         raw = json.loads(path.read_text())
         return cls(raw["parent_run_id"], tuple(raw["varying"]), SweepNeeds(**raw["needs"]))
+
+
+def record_outcome(sweep_dir: Path, job_num: int, name: str, status: str, run_id: str | None, why: str | None = None) -> None:
+    """How a job of the sweep ended, where the process that closes the sweep finds it."""
+    folder = sweep_dir / OUTCOMES
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{job_num}.json").write_text(json.dumps({"name": name, "status": status, "run_id": run_id, "why": why}))
+
+
+def unsucceeded(sweep_dir: Path, jobs: int) -> list[str]:
+    """One line per job of the sweep that did not finish: FAILED or KILLED (with its run, if it
+    has one, or the reason there is none), or gone without reporting."""
+    lines = []
+    for num in range(jobs):
+        path = sweep_dir / OUTCOMES / f"{num}.json"
+        if not path.is_file():
+            lines.append(f"job {num}: ended without reporting an outcome (killed?)")
+            continue
+        outcome = json.loads(path.read_text())
+        if outcome["status"] not in SUCCEEDED:
+            where = f"run {outcome['run_id']}" if outcome["run_id"] else f"no run: {outcome['why']}"
+            lines.append(f"{outcome['name']}: {outcome['status']} ({where})")
+    return lines
 
 
 def varying_keys(jobs: list[list[str]]) -> tuple[str, ...]:
@@ -81,6 +107,7 @@ class SweepCallback(Callback):
     summary, exit 1 if any job failed."""
 
     parent: str | None = None
+    jobs = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -102,12 +129,16 @@ class SweepCallback(Callback):
             tracking.check_store()
         except FalconExpError as error:
             fail(error, EXIT_BAD_INPUT)
+        self.jobs = len(jobs)
         experiments = {job.config.tracking.experiment for job in resolved}
         if len(experiments) > 1:
             fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
         varying = varying_keys(jobs)
         common = {override_key(o): o.partition("=")[2] for o in jobs[0] if override_key(o) not in varying}
         name = "sweep " + (" ".join(config.hydra.overrides.task) or "defaults")
+        if any(job.config.resume for job in resolved):
+            for closed in tracking.close_orphan_sweeps(next(iter(experiments))):
+                log.warning(f"closed sweep {closed} as FAILED: it was left RUNNING by a process that is gone")
         sweep_dir = Path(config.hydra.sweep.dir)
         if (other := Sweep.of(sweep_dir)) and tracking.run_status(other.parent_run_id) == "RUNNING":
             fail(f"hydra.sweep.dir={str(sweep_dir)!r} holds the sweep file of sweep {other.parent_run_id}, which is still RUNNING; "
@@ -121,14 +152,15 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
+        failed = unsucceeded(Path(config.hydra.sweep.dir), self.jobs)
         try:
-            children = tracking.end_sweep_run(self.parent)
+            children = tracking.end_sweep_run(self.parent, failed)
             _OPEN.remove(self.parent)
         except Exception as error:  # noqa: BLE001 - the store went away during the sweep
             fail(f"could not close the sweep's run {self.parent} in {tracking.shown_uri()}: {tracking.one_line(error)}",
                  EXIT_JOB_FAILED)
         tracking.print_summary(children)
-        failed = [c for c in children if c.info.status != "FINISHED"]
         if failed:
-            print(f"falcon-exp: {len(failed)} of {len(children)} jobs failed", file=sys.stderr, flush=True)
+            print("\n".join(f"falcon-exp: {line}" for line in failed), file=sys.stderr)
+            print(f"falcon-exp: {len(failed)} of {self.jobs} jobs failed", file=sys.stderr, flush=True)
             sys.exit(EXIT_JOB_FAILED)

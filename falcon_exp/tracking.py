@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 # A tracking server that goes away should fail a job in seconds, not after MLflow's default
 # minutes of retries; a user's own settings win.
+DATABASES = ("postgresql", "mysql", "mssql")  # MLflow's database stores besides SQLite
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
@@ -81,6 +82,8 @@ def check_store(timeout_s: float = 5.0) -> None:
             reason = getattr(error, "reason", error)
             raise FalconExpError(f"the MLflow tracking server {shown} is unreachable ({reason})") from None
         return
+    if uri.partition("://")[0].partition("+")[0] in DATABASES:
+        _connect_once(uri, timeout_s)
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
         if database.is_dir():
@@ -100,6 +103,26 @@ def check_store(timeout_s: float = 5.0) -> None:
     except Exception as error:  # noqa: BLE001 - any failure here means: no usable store
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FalconExpError(f"the MLflow store {shown} cannot be used: {message.replace(uri, shown)}") from None
+
+
+def _connect_once(uri: str, timeout_s: float) -> None:
+    """One connection to a database store, where MLflow would retry for minutes (about ten
+    attempts with growing pauses) before saying that it is down or refuses the credentials."""
+    import sqlalchemy
+
+    password = urllib.parse.urlsplit(uri).password
+    connect_args = {"connect_timeout": max(1, int(timeout_s))} if uri.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as error:  # noqa: BLE001 - a missing driver, a refused connection, bad credentials: all one line
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        message = message.replace(uri, shown_uri(uri)).replace(password, "***") if password else message.replace(uri, shown_uri(uri))
+        raise FalconExpError(f"the MLflow store {shown_uri(uri)} cannot be used: {message}") from None
 
 
 def experiment_id(name: str) -> str:
@@ -189,10 +212,8 @@ def close_orphans(job: Job) -> list[str]:
                                filter_string=f"tags.{schema.TAG_CONFIG_HASH} = '{job.identity}' and attributes.status = 'RUNNING'")
     for run in found:
         owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
-        host, _, pid = owner.partition(":")
-        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+        if (where := _gone(owner, other_hosts=True)) is None:
             continue
-        where = "its process is gone" if host == socket.gethostname() else "on another host, taken as gone since resume was asked"
         client.set_tag(run.info.run_id, schema.TAG_ERROR, f"left RUNNING by process {owner} ({where}); closed by resume=true")
         client.set_terminated(run.info.run_id, "FAILED")
         closed.append(f"{run.info.run_name} ({run.info.run_id})")
@@ -201,6 +222,32 @@ def close_orphans(job: Job) -> list[str]:
             client.set_tag(parent, schema.TAG_ERROR, f"a job was left RUNNING by process {owner}; closed by resume=true")
             client.set_terminated(parent, "FAILED")
     return closed
+
+
+def close_orphan_sweeps(experiment: str) -> list[str]:
+    """Sweeps' parent runs left RUNNING by a process of this host that is gone (it could not close
+    them: killed, or the store was away at its end): closed as FAILED by `resume=true`. Returns
+    what was closed, one line each."""
+    client, closed = _client(), []
+    found = client.search_runs([experiment_id(experiment)], max_results=10000,
+                               filter_string=f"tags.{schema.TAG_SWEEP_DIR} LIKE '%' and attributes.status = 'RUNNING'")
+    for run in found:
+        owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
+        if (where := _gone(owner, other_hosts=False)) is None:
+            continue
+        client.set_tag(run.info.run_id, schema.TAG_ERROR, f"left RUNNING by process {owner} ({where}); closed by resume=true")
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed.append(f"{run.info.run_name} ({run.info.run_id})")
+    return closed
+
+
+def _gone(owner: str, other_hosts: bool) -> str | None:
+    """Why the process `host:pid` counts as gone, or None where it may be alive: a live process on
+    this host; on another host, unless `other_hosts` takes those as gone."""
+    host, _, pid = owner.partition(":")
+    if host == socket.gethostname():
+        return None if pid.isdigit() and _alive(int(pid)) else "its process is gone"
+    return "on another host, taken as gone since resume was asked" if other_hosts else None
 
 
 def _alive(pid: int) -> bool:
@@ -347,15 +394,25 @@ def start_sweep_run(experiment: str, name: str, sweep_dir: Path, params: dict[st
     return run.info.run_id
 
 
-def end_sweep_run(parent_run_id: str) -> list[Run]:
-    """Close the parent run: FAILED when any child did not finish. Returns the children."""
+def end_sweep_run(parent_run_id: str, failed: list[str]) -> list[Run]:
+    """Close a sweep once all its jobs have returned: a child still RUNNING is then left over by a
+    job that could not close it (the store was away when it ended, or its process was killed) and
+    ends FAILED with that reason; the parent is FINISHED only if no job failed (`failed`: one
+    line per job that did not finish, from its outcome). Returns the children."""
     client = _client()
     parent = client.get_run(parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
     )
+    for child in children:
+        if child.info.status == "RUNNING":
+            client.set_tag(child.info.run_id, schema.TAG_ERROR, "still RUNNING when its sweep ended: its job could not close it")
+            client.set_terminated(child.info.run_id, "FAILED")
+    children = [client.get_run(c.info.run_id) for c in children]
     children.sort(key=lambda r: r.info.start_time)
-    ok = children and all(c.info.status == "FINISHED" for c in children)
+    if failed:
+        client.set_tag(parent_run_id, schema.TAG_ERROR, (f"{len(failed)} jobs failed: " + "; ".join(failed))[:5000])
+    ok = not failed and all(c.info.status == "FINISHED" for c in children)
     client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")
     return children
 

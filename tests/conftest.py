@@ -15,8 +15,23 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = ["model=tiny-falcon", "max_length=null", "max_new_tokens=6", "repetitions=2", "warmup=1", "quality.enabled=false"]
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, created (all of MLflow's migrations run) once per session."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
+def store(tmp_path, monkeypatch, empty_store) -> str:
+    """A test's own SQLite store (a copy of the empty one: creating a store is not what most tests
+    test; tests/test_reliability.py creates one from nothing with two sweeps at once)."""
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
@@ -63,8 +78,9 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "falco
     )
 
 
-def start_mlflow_server(root: Path, port: int | None = None):
-    """A real `mlflow server` on loopback with a SQLite backend; returns (process, uri)."""
+def start_mlflow_server(root: Path, port: int | None = None, backend: str | None = None):
+    """A real `mlflow server` on loopback with a SQLite backend in `root` (or the `backend` store
+    given), serving the artifacts in `root/artifacts`; returns (process, uri)."""
     import socket
     import time
     import urllib.request
@@ -74,7 +90,7 @@ def start_mlflow_server(root: Path, port: int | None = None):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend or f"sqlite:///{root}/server.db",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
     )
@@ -117,6 +133,33 @@ def slurm(tmp_path_factory):
     env = cluster.start(root)
     yield env
     cluster.stop(root)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session, with an empty database for MLflow: its store URI.
+    Skipped, with the reason, where Debian's postgresql is absent, unless FALCON_EXP_REQUIRE_POSTGRES
+    is set (CI sets it and installs it)."""
+    import postgres as server
+
+    if (why := server.missing()) is not None:
+        if os.environ.get("FALCON_EXP_REQUIRE_POSTGRES"):
+            pytest.fail(f"FALCON_EXP_REQUIRE_POSTGRES is set but {why}")
+        pytest.skip(f"no PostgreSQL here: {why}")
+    root, uri = server.start()
+    yield uri
+    server.stop(root)
+
+
+@pytest.fixture(scope="session")
+def pg_server(postgres, tmp_path_factory):
+    """`mlflow server` on the PostgreSQL store with a shared artifact folder, for the session:
+    (uri, folder). Tests that share it tell their runs apart by experiment."""
+    root = tmp_path_factory.mktemp("pg-server")
+    process, uri = start_mlflow_server(root, backend=postgres)
+    yield uri, root
+    process.terminate()
+    process.wait(timeout=30)
 
 
 def compose(*overrides: str):

@@ -33,21 +33,33 @@ def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path):
     assert not (tmp_path / "never.db").exists()
 
 
-@pytest.mark.parametrize("uri, shown, says", [
-    ("http://127.0.0.1:9", "http://127.0.0.1:9", "is unreachable"),
-    ("http://falcon:s3cret-pass@127.0.0.1:9", "http://falcon:***@127.0.0.1:9", "is unreachable"),
-    ("sqlite:////proc/falcon-exp/mlflow.db", "sqlite:////proc/falcon-exp/mlflow.db", "cannot be created"),
-    ("sqlite:///{tmp}", "sqlite:///{tmp}", "is a directory"),
-    ("postgresql://falcon:s3cret-pass@127.0.0.1:9/mlflow", "postgresql://falcon:***@127.0.0.1:9/mlflow", "cannot be used"),
-], ids=["server", "server with credentials", "uncreatable", "a directory", "database with credentials"])
-def test_an_unusable_tracking_store_fails_fast_naming_it_without_its_password(tmp_path, uri, shown, says):
-    uri, shown = uri.format(tmp=tmp_path), shown.format(tmp=tmp_path)
-    start = time.monotonic()
-    done = run_cli("model=tiny-falcon", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
-    assert time.monotonic() - start < 60  # not MLflow's minutes of retries
+STORES = {  # an unusable store: (what is printed of it, what is said)
+    "http://127.0.0.1:9": ("http://127.0.0.1:9", "is unreachable"),
+    "http://falcon:s3cret-pass@127.0.0.1:9": ("http://falcon:***@127.0.0.1:9", "is unreachable"),
+    "sqlite:////proc/falcon-exp/mlflow.db": ("sqlite:////proc/falcon-exp/mlflow.db", "cannot be created"),
+    "sqlite:///{tmp}": ("sqlite:///{tmp}", "is a directory"),
+    "postgresql://falcon:s3cret-pass@127.0.0.1:9/mlflow": ("postgresql://falcon:***@127.0.0.1:9/mlflow", "cannot be used"),
+}
+
+
+def test_an_unusable_tracking_store_fails_fast_naming_it_without_its_password(tmp_path, monkeypatch):
+    """The store check every job makes first, for each kind of store; then the command line's
+    one line and exit 2 for one of them."""
+    from falcon_exp import tracking
+    from falcon_exp.config import FalconExpError
+
+    for uri, (shown, says) in STORES.items():
+        uri, shown = uri.format(tmp=tmp_path), shown.format(tmp=tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        start = time.monotonic()
+        with pytest.raises(FalconExpError) as error:
+            tracking.check_store()
+        assert time.monotonic() - start < 60, uri  # not MLflow's minutes of retries
+        assert shown in str(error.value) and says in str(error.value) and "s3cret-pass" not in str(error.value)
+    done = run_cli("model=tiny-falcon", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "http://falcon:s3cret-pass@127.0.0.1:9"}, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "s3cret-pass" not in done.stderr
     last = done.stderr.splitlines()[-1]
-    assert shown in last and says in last
+    assert last.startswith("falcon-exp: error: ") and "http://falcon:***@127.0.0.1:9 is unreachable" in last
 
 
 def test_the_console_command_has_a_short_help_shell_completion_and_its_own_log_file(tmp_path):
@@ -73,16 +85,6 @@ def test_readme_names_the_commands_it_promises():
     readme = (REPO / "README.md").read_text()
     for command in ('pip install -e ".[dev]" -c constraints.txt', "python -m falcon_exp -m bits=4,8", "python -m pytest"):
         assert command in readme
-
-
-def test_parallel_jobs_log_every_job_into_one_store(tmp_path, store, two_prompts):
-    """joblib runs jobs side by side (SLURM: tests/test_cluster.py)."""
-    done = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "bits=4,8", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs, _ = runs_of(store)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(c.data.params["mode"] for c in children) == ["int8", "nf4"]
-    assert all(c.info.status == "FINISHED" for c in runs) and len(runs) == 3
 
 
 def test_a_failing_job_is_logged_failed_and_the_sweep_goes_on(tmp_path, store, two_prompts):

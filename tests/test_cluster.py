@@ -1,6 +1,6 @@
-"""A real SLURM cluster (one node, tests/cluster.py): a sweep submitted through Hydra's
-submitit_slurm launcher, a job cancelled with `scancel` mid-run, and `resume=true` re-running
-exactly that job."""
+"""A real SLURM cluster (one node, tests/cluster.py) writing to the PostgreSQL-backed tracking
+server the other tests share: a sweep submitted through Hydra's submitit_slurm launcher, a job
+cancelled with `scancel` mid-run, and `resume=true` re-running exactly that job."""
 
 from __future__ import annotations
 
@@ -12,24 +12,26 @@ import time
 import pytest
 
 from conftest import QUICK, runs_of
+from falcon_exp.sweep import SWEEP_FILE
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, store, two_prompts, slurm):
+def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, pg_server, two_prompts, slurm):
+    store, _ = pg_server
     launcher = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
                 "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
     job = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))]
     command = [sys.executable, "-m", "falcon_exp", "-m", *launcher, "bits=4,8", *job, "max_new_tokens=32", "repetitions=20", "warmup=0",
-               f"prompts.file={two_prompts}"]
-    env = os.environ | slurm
+               f"prompts.file={two_prompts}", "tracking.experiment=slurm"]
+    env = os.environ | slurm | {"MLFLOW_TRACKING_URI": store}
     sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         deadline, target = time.monotonic() + 180, None
         while target is None and time.monotonic() < deadline:  # the int8 job has started generating
             time.sleep(1)
-            if (tmp_path / "mlflow.db").exists():
-                running = [r for r in runs_of(store)[0] if r.data.params.get("bits") == "8" and r.info.status == "RUNNING"]
+            if any(tmp_path.rglob(SWEEP_FILE)):  # written after the store and the parent run exist
+                running = [r for r in runs_of(store, "slurm")[0] if r.data.params.get("bits") == "8" and r.info.status == "RUNNING"]
                 target = running[0].data.tags["slurm.job_id"] if running else None
         assert target, "the int8 job never started on the cluster"
         time.sleep(2)
@@ -38,7 +40,7 @@ def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(
     finally:
         sweep.kill()
     assert sweep.returncode == 1 and "1 of 2 jobs failed" in err and "Traceback" not in err
-    runs, _ = runs_of(store)
+    runs, _ = runs_of(store, "slurm")
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = {r.data.params["bits"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert parent.info.status == "FAILED"
@@ -47,7 +49,7 @@ def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(
     # the same sweep again with resume=true: only the cancelled job runs
     again = subprocess.run([*command, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    runs, _ = runs_of(store)
+    runs, _ = runs_of(store, "slurm")
     second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in (None, parent.info.run_id)]
     assert [(r.data.params["bits"], r.info.status) for r in second] == [("8", "FINISHED")]
     assert all(r.info.status != "RUNNING" for r in runs)

@@ -1,5 +1,7 @@
-"""A real `mlflow server` on loopback: a sweep logs to it, the analysis reads it back, and the
-MLflow UI, opened in headless Chromium, shows both runs and their `bits`."""
+"""A real `mlflow server` on a real PostgreSQL store with a shared artifact folder, as a lab runs
+it: two sweeps write to it at once (one of them a joblib sweep of three workers) and lose no run,
+metric or artifact, nor a parent/child link; the analysis reads them back; the MLflow UI, opened
+in headless Chromium, shows the runs and their `bits`."""
 
 from __future__ import annotations
 
@@ -7,45 +9,66 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, run_cli, start_mlflow_server
+from conftest import QUICK, TWO_PROMPTS, runs_of
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1500,900", "--virtual-time-budget=20000"]
+EXPERIMENT = "concurrent"
+SWEEPS = {  # two sweeps started together: the first through joblib with three workers
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "bits=4,8,16"],
+    "basic": ["bits=4,8"],
+}
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    process, uri = start_mlflow_server(root)
-    yield uri, root
-    process.terminate()
-    process.wait(timeout=30)
+def sweeps_on_server(pg_server, tmp_path_factory):
+    uri, _ = pg_server
+    root = tmp_path_factory.mktemp("concurrent")
+    (root / "two.yaml").write_text(TWO_PROMPTS)
+    common = [*QUICK, f"prompts.file={root / 'two.yaml'}", f"tracking.experiment={EXPERIMENT}"]
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
+    started = {name: subprocess.Popen([sys.executable, "-m", "falcon_exp", "-m", *args, *common], cwd=root, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name, args in SWEEPS.items()}
+    for name, process in started.items():
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name}: {err[-3000:]}"
+    return uri
 
 
-@pytest.fixture(scope="module")
-def sweep_on_server(server):
-    uri, root = server
-    (root / "two.yaml").write_text("- Name three colours.\n- What is an A/B test?\n")
-    done = run_cli("-m", "bits=4,8", *QUICK, f"prompts.file={root / 'two.yaml'}", cwd=root, env={"MLFLOW_TRACKING_URI": uri})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return uri, root
+def test_two_sweeps_at_once_lose_no_run_metric_artifact_or_link(sweeps_on_server):
+    runs, client = runs_of(sweeps_on_server, EXPERIMENT)
+    parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) == 5 and all(r.info.status == "FINISHED" for r in runs)
+    by_parent = {parent: [] for parent in parents}
+    for child in children:
+        by_parent[child.data.tags["mlflow.parentRunId"]].append(child.data.params["bits"])
+    assert sorted(sorted(bits) for bits in by_parent.values()) == [["16", "4", "8"], ["4", "8"]]  # each job under its own sweep
+    keys = {frozenset(c.data.metrics) for c in children}
+    assert len(keys) == 1, "every job logged the same metrics"
+    for child in children:
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"generations.jsonl", "generations.json", "config"} <= artifacts
+        rows = [json.loads(line) for line in Path(client.download_artifacts(child.info.run_id, "generations.jsonl")).read_text().splitlines()]
+        history = sorted(client.get_metric_history(child.info.run_id, "sample/time/decode_ms_per_token"), key=lambda m: m.step)
+        assert [m.value for m in history] == [r["decode_ms_per_token"] for r in rows] and len(rows) == 2 * 2
 
 
-def test_a_sweep_against_a_server_finishes_and_reads_back(sweep_on_server, tmp_path):
+def test_the_analysis_reads_the_server_back(sweeps_on_server):
     from falcon_exp.analysis.load import load
 
-    uri, _ = sweep_on_server
-    loaded = load(uri)
-    assert sorted(loaded.runs["mode"]) == ["int8", "nf4"]
-    assert not loaded.skipped and len(loaded.samples) == 2 * 2 * 2
+    loaded = load(sweeps_on_server, experiment=EXPERIMENT, sweep=None)  # both sweeps
+    assert sorted(loaded.runs["mode"]) == ["bf16", "int8", "int8", "nf4", "nf4"]
+    assert not loaded.skipped and len(loaded.samples) == 5 * 2 * 2
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
@@ -53,13 +76,13 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(BROWSER is None and not os.environ.get("FALCON_EXP_REQUIRE_BROWSER"), reason="no chromium here")
-def test_the_ui_shows_both_runs_and_bits_in_a_real_browser(sweep_on_server, tmp_path):
+def test_the_ui_shows_the_runs_and_bits_in_a_real_browser(sweeps_on_server, tmp_path):
     assert BROWSER, "FALCON_EXP_REQUIRE_BROWSER is set but chromium is not installed"
     from mlflow import MlflowClient
 
-    uri, _ = sweep_on_server
+    uri = sweeps_on_server
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("falcon-exp").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     children = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
     ids = json.dumps([r.info.run_id for r in children])
     compare = f"{uri}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}"
