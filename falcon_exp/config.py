@@ -149,10 +149,18 @@ class ModelConfig:
     path: str | None
     architecture: str | None
     chat_template: bool
+    synthetic_outliers: int  # hidden dims with outlier-sized norm gains (synthetic weights), 0 none
+    outlier_gain: float
 
     def __post_init__(self) -> None:
         _one_of("model.weights", self.weights, WEIGHTS)
         _boolean("model.chat_template", self.chat_template)
+        _integer("model.synthetic_outliers", self.synthetic_outliers, minimum=0)
+        if self.synthetic_outliers and self.weights != "synthetic":
+            raise ConfigError(f"model.synthetic_outliers={self.synthetic_outliers} plants outliers in synthetic weights only; "
+                              f"give model.weights=synthetic (model.weights={self.weights})")
+        if isinstance(self.outlier_gain, bool) or not isinstance(self.outlier_gain, (int, float)) or self.outlier_gain <= 1:
+            raise ConfigError(f"model.outlier_gain={self.outlier_gain!r} is not allowed; it must be a number > 1")
         if self.weights == "synthetic":
             _one_of("model.architecture", self.architecture, tuple(available_architectures()))
         if self.weights == "hub" and not self.path:

@@ -41,7 +41,7 @@ def load(job: Job) -> LoadedModel:
         kwargs["quantization_config"] = bnb_config(config)
     if weights.kind == "synthetic":
         architecture = architecture_config(weights.architecture)
-        state = synthetic_state_dict(architecture, weights.seed, dtype, distinct=device == "cpu")
+        state = synthetic_state_dict(architecture, weights.seed, dtype, distinct=device == "cpu", outliers=weights.outliers)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(architecture)]
         source, kwargs = None, kwargs | {"config": architecture, "state_dict": state}
     else:

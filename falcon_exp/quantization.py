@@ -117,6 +117,21 @@ def inspect(model: torch.nn.Module) -> QuantizationReport:
     return QuantizationReport(len(linear), four + eight, weights_bytes(model), realised)
 
 
+def int8_outliers(model: torch.nn.Module) -> dict[str, float]:
+    """What LLM.int8's outlier decomposition did in each int8 layer's last matmul: how many
+    layers split off outlier columns to the fp16 path, and the mean count of those columns.
+    Empty without int8 layers or with the threshold at 0 (no decomposition)."""
+    import bitsandbytes as bnb
+
+    from falcon_exp import schema
+
+    states = [m.state for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt) and m.state.threshold > 0]
+    if not states:
+        return {}
+    columns = [0 if s.idx is None else s.idx.numel() for s in states]
+    return {schema.INT8_OUTLIER_LAYERS: sum(c > 0 for c in columns), schema.INT8_OUTLIER_COLUMNS: sum(columns) / len(columns)}
+
+
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes a forward pass reads for weights: every parameter and buffer once (tied weights
     share storage), plus bitsandbytes' quantization scales, which are neither."""

@@ -55,6 +55,7 @@ class JobResult:
     kv_bytes_per_token: float
     warmup_tokens: int  # generated untimed before the first timed generation
     cpu_kernel: str | None  # bitsandbytes' CPU kernel for this mode, on a CPU run
+    int8_outliers: dict[str, float]  # LLM.int8's outlier path in the last decode step, by metric name; empty if none ran
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from falcon_exp.decode import Decoder, decoder_for
 from falcon_exp.job import Job
 from falcon_exp.measure import MemoryProbe, timed_generate
 from falcon_exp.models import MODELS
-from falcon_exp.quantization import cpu_kernel
+from falcon_exp.quantization import cpu_kernel, int8_outliers
 from falcon_exp.records import JobResult, Sample, SweepNeeds, Timing
 
 
@@ -39,6 +39,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     warmup_tokens = bench.warm_up()
     probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
     samples, first_outputs = bench.timed(probe)
+    outliers = int8_outliers(model)  # before quality's forward passes overwrite the layers' last matmul
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
     return JobResult(
         samples=samples,
@@ -55,6 +56,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         kv_bytes_per_token=decoder.kv_bytes_per_token,
         warmup_tokens=warmup_tokens,
         cpu_kernel=cpu_kernel(job.config) if job.device == "cpu" else None,
+        int8_outliers=outliers,
     )
 
 

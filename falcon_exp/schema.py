@@ -74,6 +74,9 @@ GB = 1e9  # memory figures are decimal gigabytes
 
 QUANTIZED_LAYERS = "quant/quantized_layers"
 LINEAR_LAYERS = "quant/linear_layers"
+# LLM.int8's outlier path, seen in each int8 layer's last matmul (the last timed decode step):
+INT8_OUTLIER_LAYERS = "quant/int8_outlier_layers"  # count: int8 layers that split off outlier columns (fp16 path)
+INT8_OUTLIER_COLUMNS = "quant/int8_outlier_columns"  # columns split off, the mean over all int8 layers
 
 READ_BANDWIDTH_GBS = "roofline/read_bandwidth_gbs"
 COPY_BANDWIDTH_GBS = "roofline/copy_bandwidth_gbs"
@@ -119,6 +122,7 @@ def total(key: str) -> str:
 CONDITIONAL = {
     PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
+    INT8_OUTLIER_LAYERS: "in 8 bits with an outlier threshold above 0", INT8_OUTLIER_COLUMNS: "as int8_outlier_layers",
 }
 
 # Names of earlier releases, read as today's by the analysis (same meaning, new name).

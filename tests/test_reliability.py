@@ -100,7 +100,7 @@ def test_a_server_restarted_mid_sweep_fails_the_jobs_it_missed_and_resume_finish
     server, uri = start_mlflow_server(tmp_path / "server", backend=postgres)
     port = int(uri.rsplit(":", 1)[1])
     command = [sys.executable, "-m", "falcon_exp", "-m", "bits=4,8", *QUICK, f"prompts.file={two_prompts}", "tracking.experiment=restart"]
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # a user's own limit wins over falcon-exp's 3
     sweep = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
     failures, down = [], None
     try:
