@@ -207,37 +207,39 @@ def close_orphans(job: Job) -> list[str]:
     node): closed as FAILED with the reason, before `resume=true` runs the job again, so that no
     run is silently duplicated. A RUNNING run of a live process on this host is left alone.
     Returns what was closed, one line each."""
-    client, closed = _client(), []
+    client = _client()
     found = client.search_runs([experiment_id(job.config.tracking.experiment)],
                                filter_string=f"tags.{schema.TAG_CONFIG_HASH} = '{job.identity}' and attributes.status = 'RUNNING'")
-    for run in found:
-        owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
-        if (where := _gone(owner, other_hosts=True)) is None:
-            continue
-        client.set_tag(run.info.run_id, schema.TAG_ERROR, f"left RUNNING by process {owner} ({where}); closed by resume=true")
-        client.set_terminated(run.info.run_id, "FAILED")
-        closed.append(f"{run.info.run_name} ({run.info.run_id})")
+    closed = _close_left_running(client, found, other_hosts=True)
+    for run in closed:
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent and client.get_run(parent).info.status == "RUNNING":
+            owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
             client.set_tag(parent, schema.TAG_ERROR, f"a job was left RUNNING by process {owner}; closed by resume=true")
             client.set_terminated(parent, "FAILED")
-    return closed
+    return [f"{run.info.run_name} ({run.info.run_id})" for run in closed]
 
 
 def close_orphan_sweeps(experiment: str) -> list[str]:
     """Sweeps' parent runs left RUNNING by a process of this host that is gone (it could not close
     them: killed, or the store was away at its end): closed as FAILED by `resume=true`. Returns
     what was closed, one line each."""
-    client, closed = _client(), []
+    client = _client()
     found = client.search_runs([experiment_id(experiment)], max_results=10000,
                                filter_string=f"tags.{schema.TAG_SWEEP_DIR} LIKE '%' and attributes.status = 'RUNNING'")
-    for run in found:
+    return [f"{run.info.run_name} ({run.info.run_id})" for run in _close_left_running(client, found, other_hosts=False)]
+
+
+def _close_left_running(client: MlflowClient, runs: list[Run], other_hosts: bool) -> list[Run]:
+    """Close as FAILED, saying why, those of `runs` whose process is gone; returns them."""
+    closed = []
+    for run in runs:
         owner = run.data.tags.get(schema.TAG_PROCESS, "unknown")
-        if (where := _gone(owner, other_hosts=False)) is None:
+        if (where := _gone(owner, other_hosts)) is None:
             continue
         client.set_tag(run.info.run_id, schema.TAG_ERROR, f"left RUNNING by process {owner} ({where}); closed by resume=true")
         client.set_terminated(run.info.run_id, "FAILED")
-        closed.append(f"{run.info.run_name} ({run.info.run_id})")
+        closed.append(run)
     return closed
 
 
