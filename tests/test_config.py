@@ -42,6 +42,9 @@ def test_modes_are_named_by_what_they_are():
         (["prompts.items=['',x]"], "is not a prompt"),
         (["model.weights=magic"], "model.weights='magic' is not allowed; choose one of: packaged, hub, synthetic"),
         (["model=tiny-falcon", "model.architecture=falcon-1t"], "model.architecture='falcon-1t' is not allowed"),
+        (["force_length=maybe"], "force_length='maybe' is not allowed; choose true or false"),
+        (["repetitions=2.5"], "repetitions=2.5 is not allowed; it must be an integer >= 1"),
+        (["+colour=red"], "config.colour is not a key of config"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_them(overrides, message):
@@ -100,3 +103,10 @@ def test_load_order_puts_the_keys_that_shape_weights_first_and_keeps_the_rest_in
         "-m", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon", "max_length=40,48", "prompts=seed_zh"
     ]
     assert load_order(["--cfg", "job", "max_length=9", "seed=1"]) == ["--cfg", "job", "seed=1", "max_length=9"]
+
+
+def test_a_length_the_model_cannot_hold_fails_as_the_job_resolves():
+    from conftest import resolve_job
+
+    with pytest.raises(ConfigError, match="max_length=4 leaves no room to generate"):
+        resolve_job("model=tiny-falcon", "max_length=4")

@@ -23,7 +23,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 EXPERIMENT = "concurrent"
 SWEEPS = {  # two sweeps started together: the first through joblib with three workers
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "bits=4,8,16"],
-    "basic": ["bits=4,8"],
+    "basic": ["bits=4"],
 }
 
 pytestmark = pytest.mark.slow
@@ -48,13 +48,15 @@ def test_two_sweeps_at_once_lose_no_run_metric_artifact_or_link(sweeps_on_server
     runs, client = runs_of(sweeps_on_server, EXPERIMENT)
     parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 2 and len(children) == 5 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(parents) == 2 and len(children) == 4 and all(r.info.status == "FINISHED" for r in runs)
     by_parent = {parent: [] for parent in parents}
     for child in children:
         by_parent[child.data.tags["mlflow.parentRunId"]].append(child.data.params["bits"])
-    assert sorted(sorted(bits) for bits in by_parent.values()) == [["16", "4", "8"], ["4", "8"]]  # each job under its own sweep
-    keys = {frozenset(c.data.metrics) for c in children}
-    assert len(keys) == 1, "every job logged the same metrics"
+    assert sorted(sorted(bits) for bits in by_parent.values()) == [["16", "4", "8"], ["4"]]  # each job under its own sweep
+    names = {}
+    for child in children:  # the same metrics for every job of a mode, in either sweep
+        names.setdefault(child.data.params["mode"], set()).add(frozenset(child.data.metrics))
+    assert all(len(sets) == 1 for sets in names.values()), names
     for child in children:
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"generations.jsonl", "generations.json", "config"} <= artifacts
@@ -67,8 +69,8 @@ def test_the_analysis_reads_the_server_back(sweeps_on_server):
     from falcon_exp.analysis.load import load
 
     loaded = load(sweeps_on_server, experiment=EXPERIMENT, sweep=None)  # both sweeps
-    assert sorted(loaded.runs["mode"]) == ["bf16", "int8", "int8", "nf4", "nf4"]
-    assert not loaded.skipped and len(loaded.samples) == 5 * 2 * 2
+    assert sorted(loaded.runs["mode"]) == ["bf16", "int8", "nf4", "nf4"]
+    assert not loaded.skipped and len(loaded.samples) == 4 * 2 * 2
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
