@@ -4,7 +4,8 @@ The callback resolves every job before any runs (bad input in any job stops the 
 line, exit 2), opens the parent run and writes the sweep file every job reads, in this process or
 another (joblib, SLURM). Every job leaves its outcome in the sweep folder, so that the end knows
 about jobs that could not log a run (the store unreachable) or never reported (SIGKILL); the end
-closes the parent run, prints the summary, and exits 1 if any job failed. Light to import: the inference stack loads only once a sweep really starts.
+closes the parent run, prints the summary, and exits 1 if any job failed. Light to import: the
+inference stack loads only once a sweep really starts.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def record_outcome(sweep_dir: Path, job_num: int, name: str, status: str, run_id
     (folder / f"{job_num}.json").write_text(json.dumps({"name": name, "status": status, "run_id": run_id, "why": why}))
 
 
-def unsucceeded(sweep_dir: Path, jobs: int) -> list[str]:
+def failed_jobs(sweep_dir: Path, jobs: int) -> list[str]:
     """One line per job of the sweep that did not finish: FAILED or KILLED (with its run, if it
     has one, or the reason there is none), or gone without reporting."""
     lines = []
@@ -152,7 +153,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        failed = unsucceeded(Path(config.hydra.sweep.dir), self.jobs)
+        failed = failed_jobs(Path(config.hydra.sweep.dir), self.jobs)
         try:
             children = tracking.end_sweep_run(self.parent, failed)
             _OPEN.remove(self.parent)

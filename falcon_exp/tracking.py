@@ -120,8 +120,9 @@ def _connect_once(uri: str, timeout_s: float) -> None:
         finally:
             engine.dispose()
     except Exception as error:  # noqa: BLE001 - a missing driver, a refused connection, bad credentials: all one line
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        message = message.replace(uri, shown_uri(uri)).replace(password, "***") if password else message.replace(uri, shown_uri(uri))
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0].replace(uri, shown_uri(uri))
+        if password:
+            message = message.replace(password, "***")
         raise FalconExpError(f"the MLflow store {shown_uri(uri)} cannot be used: {message}") from None
 
 
