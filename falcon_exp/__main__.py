@@ -41,8 +41,8 @@ def cli() -> None:
     except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP: the runs are KILLED in MLflow; one line, no traceback
         from falcon_exp.sweep import close_open_sweep
 
-        close_open_sweep(f"stopped by {stopped_by(error)}")
         name = stopped_by(error)
+        close_open_sweep(f"stopped by {name}")
         print(f"falcon-exp: stopped by {name}; the running job and its sweep are KILLED in MLflow "
               "(resume=true re-runs what did not finish)", file=sys.stderr, flush=True)
         sys.exit(128 + signal.Signals[name].value)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -45,3 +48,9 @@ def replaced(path: Path) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def content_hash(content: Any, length: int = 32) -> str:
+    """A short, stable hash of JSON-able content: the identities that resume, the model cache and
+    the cache's entries are keyed on."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:length]

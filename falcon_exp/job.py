@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from falcon_exp.cache import content_hash
 from falcon_exp.config import ConfigError, JobConfig, knobs
 from falcon_exp.quantization import differences, request_of_checkpoint
 from falcon_exp.weights import Weights
@@ -45,23 +44,19 @@ class Job:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
         content = {k: v for k, v in self.config.flat.items() if k != "resume"} | {"prompts.items": list(self.config.prompts.items)}
-        return _hash(content)
+        return content_hash(content)
 
     @property
     def model_key(self) -> str:
         """What decides the loaded model: the weights, the quantization settings that apply at
         these bits, dtype, device and memory caps (prompts, lengths, repetitions may change)."""
         c = self.config
-        return _hash({"weights": self.weights.identity, "knobs": c.knobs(), "dtype": c.dtype, "device": self.device,
+        return content_hash({"weights": self.weights.identity, "knobs": c.knobs(), "dtype": c.dtype, "device": self.device,
                       "max_memory": c.max_memory})
 
     def unquantized(self) -> Job:
         """The same job in `dtype` without bitsandbytes: the quality reference."""
         return dataclasses.replace(self, config=self.config.with_quantization(16, self.config.quantization))
-
-
-def _hash(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def resolve(cfg: Any) -> Job:

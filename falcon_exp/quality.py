@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,7 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 from falcon_exp import schema
-from falcon_exp.cache import cache_dir, replaced
+from falcon_exp.cache import cache_dir, content_hash, replaced
 from falcon_exp.console import log
 from falcon_exp.decode import EagerDecoder
 from falcon_exp.job import Job
@@ -103,7 +102,7 @@ def reference_key(job: Job) -> str:
         "texts": {lang: hashlib.sha256(path.read_bytes()).hexdigest() for lang, path in EVAL_TEXTS.items()},
         "versions": {p: metadata.version(p) for p in ("torch", "transformers")},
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return content_hash(identity, 24)
 
 
 def score(model: PreTrainedModel, job: Job, continuations: list[list[int]]) -> tuple[list[torch.Tensor], dict[str, float]]:

