@@ -3,14 +3,13 @@ and run the job, or with `-m` the sweep."""
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from falcon_exp.config import ConfigError, JobConfig, check_group_overrides, load_order, renamed_groups
-from falcon_exp.console import EXIT_BAD_INPUT, fail, stop_on_signals, stopped_by
+from falcon_exp.console import EXIT_BAD_INPUT, fail, signal_number, stop_on_signals, stopped_by
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -45,7 +44,7 @@ def cli() -> None:
         close_open_sweep(f"stopped by {name}")
         print(f"falcon-exp: stopped by {name}; the running job and its sweep are KILLED in MLflow "
               "(resume=true re-runs what did not finish)", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.Signals[name].value)
+        sys.exit(128 + signal_number(error))
 
 
 if __name__ == "__main__":

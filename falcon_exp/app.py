@@ -74,33 +74,55 @@ def run_job(cfg: DictConfig) -> str:
     also leaves that in the sweep folder for the sweep's end."""
     stop_on_signals()  # also in a joblib worker or a SLURM job, whose process gets the signal
     quiet_third_party()
+    sweep_dir = _in_sweep()
+    outcome = _Outcome(sweep_dir, HydraConfig.get().job.num if sweep_dir else 0)
+    try:
+        return _run_job(cfg, outcome)
+    except KeyboardInterrupt as error:  # the job's run, if it has one, is KILLED already
+        MODELS.clear()
+        sweep = Sweep.of(sweep_dir) if sweep_dir else None
+        if sweep is None or opened_here(sweep.parent_run_id):
+            raise  # this process runs the sweep (or the job alone): the command stops, closing its sweep as KILLED
+        # a job of a sweep run elsewhere (SLURM's time limit or scancel, a joblib worker):
+        # it ends, the sweep goes on, and the process that opened the sweep closes it
+        log.error(f"job {outcome.name} KILLED: stopped by {stopped_by(error)}")
+        return outcome.ended("KILLED", f"stopped by {stopped_by(error)}")
+
+
+class _Outcome:
+    """What a job of a sweep leaves for the sweep's end: its name, its run, how it ended."""
+
+    def __init__(self, sweep_dir: Path | None, job_num: int) -> None:
+        self.sweep_dir, self.job_num = sweep_dir, job_num
+        self.name, self.run_id = f"job {job_num}", None
+
+    def ended(self, status: str, why: str | None = None) -> str:
+        if self.sweep_dir is not None:
+            record_outcome(self.sweep_dir, self.job_num, self.name, status, self.run_id, why)
+        return status
+
+
+def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
     try:
         job = resolve(cfg)
     except FalconExpError as error:
         fail(error, EXIT_BAD_INPUT)
-    sweep_dir = _in_sweep()
+    sweep_dir = outcome.sweep_dir
     sweep = Sweep.of(sweep_dir) if sweep_dir else None
-    name = job_name(job, sweep)
-    run_id: str | None = None
-
-    def ended(status: str, why: str | None = None) -> str:
-        if sweep_dir is not None:
-            record_outcome(sweep_dir, HydraConfig.get().job.num, name, status, run_id, why)
-        return status
-
+    name = outcome.name = job_name(job, sweep)
     try:
         tracking.check_store()
     except FalconExpError as error:
         if sweep_dir is None:
             fail(error, EXIT_BAD_INPUT)
         log.error(f"job {name} FAILED: {error}")  # the sweep goes on: the store may come back for the next job
-        return ended("FAILED", str(error))
+        return outcome.ended("FAILED", str(error))
     if job.config.resume:
         for closed in tracking.close_orphans(job):
             log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
         if done := tracking.finished_run(job):
             log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
-            return ended("SKIPPED")
+            return outcome.ended("SKIPPED")
     tags = _tags(job)
     try:
         hydra_dir = HydraConfig.get().runtime.output_dir
@@ -110,24 +132,17 @@ def run_job(cfg: DictConfig) -> str:
     parent = sweep.parent_run_id if sweep else None
     try:
         with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
+            outcome.run_id = run_id
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
             tracking.log_result(run_id, job, result)
-    except KeyboardInterrupt as error:  # the job's run is KILLED already
-        MODELS.clear()
-        if sweep is not None and not opened_here(sweep.parent_run_id):
-            # a job of a sweep run elsewhere (SLURM's SIGTERM at a time limit or scancel, a joblib worker):
-            # it ends, the sweep goes on, and the process that opened the sweep closes it
-            log.error(f"job {name} KILLED: stopped by {stopped_by(error)}")
-            return ended("KILLED", f"stopped by {stopped_by(error)}")
-        raise  # this process runs the sweep (or the job alone): the command stops, closing its sweep as KILLED
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
         log.error(f"job {name} FAILED: {tracking.one_line(error)}")
         if sweep_dir is None:
             sys.exit(EXIT_JOB_FAILED)
-        return ended("FAILED", tracking.one_line(error))
+        return outcome.ended("FAILED", tracking.one_line(error))
     for sample in result.samples:
         if sample.repetition == 0:
             print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
     log.info(f"run {name} FINISHED in {tracking.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
-    return ended("FINISHED")
+    return outcome.ended("FINISHED")

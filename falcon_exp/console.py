@@ -25,11 +25,11 @@ def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 class Stopped(KeyboardInterrupt):
     """A signal asked the process to stop: Ctrl-C (SIGINT), a cluster's time limit or pre-emption
     (SIGTERM), a closed terminal (SIGHUP). Handled as Ctrl-C is: the running job's run and its
-    sweep end as KILLED."""
+    sweep end as KILLED. `name` says what stopped it: the signal, or why it came."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
+    def __init__(self, signum: int, why: str | None = None) -> None:
+        self.signum, self.name = signum, why or signal.Signals(signum).name
+        super().__init__(self.name)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -44,17 +44,34 @@ def stop_on_signals() -> None:
     def waiting(signum: int, frame: Any) -> None:
         print(f"falcon-exp: {signal.Signals(signum).name} while stopping: closing the runs in MLflow first", file=sys.stderr, flush=True)
 
-    def stop(signum: int, frame: Any) -> None:
+    def stop(signum: int, frame: Any, why: str | None = None) -> None:
         for other in STOP_SIGNALS:
             signal.signal(other, waiting)
-        raise Stopped(signal.Signals(signum).name)
+        raise Stopped(signum, why)
 
     for each in STOP_SIGNALS:
         signal.signal(each, stop)
+    submitit_handler = signal.getsignal(signal.SIGUSR2)
+    if type(getattr(submitit_handler, "__self__", None)).__name__ == "SignalHandler":  # a SLURM job of submitit's
+
+        def at_time_limit(signum: int, frame: Any) -> None:
+            """SLURM's time limit first arrives as SIGUSR2 (hydra.launcher.signal_delay_s before it); unless
+            it requeues the job (hydra.launcher.max_num_timeout), submitit's handler then raises its
+            UncompletedJobError wherever the job is. That stops the job as a cancellation does."""
+            try:
+                submitit_handler(signum, frame)
+            except Exception:  # noqa: BLE001 - submitit's UncompletedJobError: no requeue, the job is over
+                stop(signum, frame, "SLURM's time limit (SIGUSR2 from submitit)")
+
+        signal.signal(signal.SIGUSR2, at_time_limit)
 
 
 def stopped_by(error: BaseException) -> str:
     return error.name if isinstance(error, Stopped) else "SIGINT"
+
+
+def signal_number(error: BaseException) -> int:
+    return error.signum if isinstance(error, Stopped) else signal.SIGINT.value
 
 
 class ConsoleFormatter(logging.Formatter):

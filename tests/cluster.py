@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+# CPUs the node offers: more than this machine has, so that a test's sweeps can run side by side
+# (their jobs mostly wait; config_overrides lets slurmd take the figure as configured)
+CPUS = 4
 
 
 def missing() -> str | None:
@@ -63,7 +66,8 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 KillWait=10
-NodeName={host} CPUs={os.cpu_count()} RealMemory={memory_mb * 3 // 4} State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName={host} CPUs={CPUS} RealMemory={memory_mb * 3 // 4} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """)
     env = {"SLURM_CONF": str(conf)}
@@ -80,14 +84,23 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 
 def stop(root: Path) -> None:
-    subprocess.run(["scancel", "--user=root"], capture_output=True, env=os.environ | {"SLURM_CONF": str(root / "slurm.conf")})
+    """Cancel every job and let the node finish them (a job step killed after slurmctld is gone
+    lingers and talks to the next cluster's), then stop the daemons and wait for them."""
+    env = {"SLURM_CONF": str(root / "slurm.conf")}
+    subprocess.run(["scancel", "--user=root"], capture_output=True, env=os.environ | env)
+    deadline = time.monotonic() + 30
+    while squeue(env) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for daemon in ("slurmd", "slurmctld"):
         pidfile = root / f"{daemon}.pid"
-        if pidfile.is_file():
-            try:
-                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def squeue(env: dict[str, str]) -> list[tuple[str, str]]:

@@ -1,9 +1,11 @@
 """A real SLURM cluster (one node, tests/cluster.py) writing to the PostgreSQL-backed tracking
-server the other tests share: a sweep submitted through Hydra's submitit_slurm launcher, a job
-cancelled with `scancel` mid-run, and `resume=true` re-running exactly that job."""
+server the other tests share: sweeps submitted through Hydra's submitit_slurm launcher, a job
+cancelled with `scancel` mid-run and one stopped by its time limit, and `resume=true` re-running
+exactly those jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,12 +14,15 @@ import time
 import pytest
 
 from conftest import QUICK, runs_of
+from falcon_exp.cache import file_lock
+from falcon_exp.roofline import BANDWIDTH_FILE
 from falcon_exp.sweep import SWEEP_FILE
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, pg_server, two_prompts, slurm):
+def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, pg_server, two_prompts, slurm,
+                                                                               time_limited_sweep):  # its minute passes meanwhile
     store, _ = pg_server
     launcher = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
                 "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
@@ -53,3 +58,50 @@ def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(
     second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in (None, parent.info.run_id)]
     assert [(r.data.params["bits"], r.info.status) for r in second] == [("8", "FINISHED")]
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+
+@pytest.fixture(scope="module")
+def time_limited_sweep(tmp_path_factory, pg_server, slurm):
+    """A one-job sweep with a one-minute SLURM limit, started before the other test of this module
+    so that its minute passes beside that test. SLURM's limit reaches a submitit job first as SIGUSR2
+    (hydra.launcher.signal_delay_s, 120 s by default, before the limit: with a one-minute limit, at
+    once); submitit then ends the job. The job waits for the machine's bandwidth measurement (its
+    cache lock, held here) until then: a job past its limit without a minute of the CPUs."""
+    root = tmp_path_factory.mktemp("time-limit")
+    store, _ = pg_server
+    command = [sys.executable, "-m", "falcon_exp", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
+               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", f"hydra.launcher.submitit_folder={root}/submitit",
+               "bits=16", *QUICK, "tracking.experiment=slurm-time-limit"]
+    env = os.environ | slurm | {"MLFLOW_TRACKING_URI": store, "FALCON_EXP_CACHE": str(root / "cache")}
+    (root / "cache").mkdir()
+    lock = contextlib.ExitStack()
+    lock.enter_context(file_lock(root / "cache" / f".{BANDWIDTH_FILE}.lock"))
+    sweep = subprocess.Popen([*command, "hydra.launcher.timeout_min=1"], cwd=root, env=env, stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True)
+
+    def ended() -> tuple[int, str]:
+        """The sweep's exit code and stderr once it ends; the lock is let go then."""
+        _, err = sweep.communicate(timeout=150)
+        lock.close()
+        return sweep.returncode, err
+
+    try:
+        yield ended, command, root, env
+    finally:
+        sweep.kill()
+        lock.close()
+
+
+def test_a_job_past_its_slurm_time_limit_ends_killed_and_resume_reruns_it(time_limited_sweep, pg_server):
+    ended, command, root, env = time_limited_sweep
+    code, err = ended()
+    assert code == 1 and "1 of 1 jobs failed" in err and "Traceback" not in err
+    (run,) = [r for r in runs_of(pg_server[0], "slurm-time-limit")[0] if "mlflow.parentRunId" in r.data.tags]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["falcon_exp.error"] == "stopped by SLURM's time limit (SIGUSR2 from submitit)"
+    again = subprocess.run([*command, "hydra.launcher.timeout_min=10", "resume=true"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=150)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = [r for r in runs_of(pg_server[0], "slurm-time-limit")[0] if "mlflow.parentRunId" in r.data.tags]
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
