@@ -20,6 +20,12 @@ import yaml
 BITS = (4, 8, 16)
 WEIGHTS = ("packaged", "hub", "synthetic")
 QUANT_TYPES = ("nf4", "fp4")
+BACKENDS = ("bitsandbytes", "torchao")
+GROUP_SIZES = (32, 64, 128, 256)  # torchao's int4 kernels'
+TORCHAO_8BIT = ("int8", "float8", "float8_dynamic")
+# torchao's schemes by bits (8: by quantization.torchao_8bit): the logged `scheme`, and the short `mode`
+TORCHAO_SCHEMES = {4: ("int4_weight_only", "ao-int4"), "int8": ("int8_weight_only", "ao-int8"),
+                   "float8": ("float8_weight_only", "ao-fp8"), "float8_dynamic": ("float8_dynamic_activation", "ao-fp8dyn")}
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -236,15 +242,21 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """bitsandbytes' settings; each applies at the bits it belongs to (`JobConfig.knobs`)."""
+    """The backend and its settings; each applies at the bits and backend it belongs to (`knobs`)."""
 
+    backend: str  # bitsandbytes | torchao
     quant_type: str
     compute_dtype: str
     double_quant: bool
     int8_threshold: float
+    group_size: int  # torchao 4-bit: weights per scale
+    torchao_8bit: str  # torchao 8-bit: int8 | float8 (weight-only) | float8_dynamic (activations too)
     from_checkpoint: bool  # take bits and settings from the checkpoint's own quantization_config
 
     def __post_init__(self) -> None:
+        _one_of("quantization.backend", self.backend, BACKENDS)
+        _one_of("quantization.group_size", self.group_size, GROUP_SIZES)
+        _one_of("quantization.torchao_8bit", self.torchao_8bit, TORCHAO_8BIT)
         _one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
         _one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
         _boolean("quantization.double_quant", self.double_quant)
@@ -277,10 +289,19 @@ class TrackingConfig:
 
 
 def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
-    """The quantization settings that apply at these bits, by their config key (bits first):
-    int8 ignores the 4-bit ones and the other way round."""
-    applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}.get(bits, ())
+    """The quantization settings that apply at these bits and backend, by their config key (bits
+    first): int8 ignores the 4-bit ones and the other way round, the unquantized baseline all."""
+    if bits == 16:
+        return {"bits": bits}
+    if quantization.backend == "torchao":
+        applying = ("backend", "group_size" if bits == 4 else "torchao_8bit")
+    else:  # as before the backend was a setting, so that earlier runs keep their identities
+        applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}[bits]
     return {"bits": bits} | {f"quantization.{k}": getattr(quantization, k) for k in applying}
+
+
+# Settings that did not exist before the torchao backend: left out of a bitsandbytes job's identity.
+TORCHAO_ONLY = ("quantization.backend", "quantization.group_size", "quantization.torchao_8bit")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -372,8 +393,23 @@ class JobConfig:
 
     @property
     def mode(self) -> str:
-        """A short, human name: nf4, fp4, int8, or the baseline's dtype (bf16, fp16, fp32)."""
-        return {4: self.quantization.quant_type, 8: "int8"}.get(self.bits) or DTYPE_SHORT[self.dtype]
+        """A short, human name: nf4, fp4, int8 (bitsandbytes), ao-int4, ao-int8, ao-fp8, ao-fp8dyn
+        (torchao), or the baseline's dtype (bf16, fp16, fp32)."""
+        return self._scheme_and_mode()[1]
+
+    @property
+    def scheme(self) -> str:
+        """What the weights are, by the backend's name for it: nf4, fp4, llm.int8,
+        int4_weight_only, int8_weight_only, float8_weight_only, float8_dynamic_activation, none."""
+        return self._scheme_and_mode()[0]
+
+    def _scheme_and_mode(self) -> tuple[str, str]:
+        quant = self.quantization
+        if self.bits == 16:
+            return "none", DTYPE_SHORT[self.dtype]
+        if quant.backend == "torchao":
+            return TORCHAO_SCHEMES[4 if self.bits == 4 else quant.torchao_8bit]
+        return (quant.quant_type, quant.quant_type) if self.bits == 4 else ("llm.int8", "int8")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -114,6 +114,17 @@ class _KernelsHint(logging.Filter):
         return True
 
 
+class _Expected(logging.Filter):
+    """Warnings that say nothing about a run: torchao's import tries its CUDA kernel libraries even
+    where torch has no CUDA, and uses an API torch has deprecated. Kept out of the job's log."""
+
+    EXPECTED = ("Failed to load", "is an Enum subclass and is now natively supported")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
+
+
 _INSTALLED: list[tuple[logging.Logger, logging.Filter]] = []
 
 
@@ -122,7 +133,8 @@ def quiet_third_party() -> None:
     whose lines would fill a job's log (the load time is logged as time/load_s)."""
     if _INSTALLED:
         return
-    for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint)):
+    for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint),
+                       ("torchao", _Expected), ("torch.utils._pytree", _Expected)):
         logger, installed = logging.getLogger(name), kind()
         logger.addFilter(installed)
         _INSTALLED.append((logger, installed))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from falcon_exp.cache import content_hash
-from falcon_exp.config import ConfigError, JobConfig, knobs
+from falcon_exp.config import TORCHAO_ONLY, ConfigError, JobConfig, knobs
 from falcon_exp.quantization import differences, request_of_checkpoint
 from falcon_exp.weights import Weights
 from falcon_exp.weights import resolve as resolve_weights
@@ -43,7 +43,8 @@ class Job:
     def identity(self) -> str:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
-        content = {k: v for k, v in self.config.flat.items() if k != "resume"} | {"prompts.items": list(self.config.prompts.items)}
+        skipped = {"resume"} | (set(TORCHAO_ONLY) if self.config.quantization.backend == "bitsandbytes" else set())
+        content = {k: v for k, v in self.config.flat.items() if k not in skipped} | {"prompts.items": list(self.config.prompts.items)}
         return content_hash(content)
 
     @property
@@ -66,7 +67,24 @@ def resolve(cfg: Any) -> Job:
     weights = resolve_weights(config.model, config.seed)
     config = _checkpoint_quantization(config, weights)
     device = resolve_device(config.device)
+    _check_backend(config, device)
     return Job(config, device, device_identity(device), weights, _prompts(config, weights))
+
+
+def _check_backend(config: JobConfig, device: str) -> None:
+    """The backend is installed and its scheme runs on this device, said before any model loads."""
+    if config.quantization.backend != "torchao" or config.bits == 16:
+        return
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise ConfigError('quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp[torchao]"') from None
+    if config.bits == 8 and config.quantization.torchao_8bit == "float8_dynamic":
+        capability = torch.cuda.get_device_capability() if device == "cuda" else None
+        if capability is None or capability < (8, 9):
+            where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else f"device={device}"
+            raise ConfigError(f"quantization.torchao_8bit=float8_dynamic needs a GPU of CUDA compute capability >= 8.9 ({where}); "
+                              "choose int8 or float8 (weight-only) here")
 
 
 def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:

@@ -18,7 +18,7 @@ import torch
 from falcon_exp.console import log
 from falcon_exp.job import Job
 from falcon_exp.measure import synchronize
-from falcon_exp.quantization import bnb_config, quantizable_linears, verify
+from falcon_exp.quantization import quantizable_linears, quantization_config, verify
 from falcon_exp.records import QuantizationReport
 from falcon_exp.weights import architecture_config, synthetic_state_dict
 
@@ -38,7 +38,7 @@ def load(job: Job) -> LoadedModel:
     dtype = getattr(torch, config.dtype)
     kwargs = dict(dtype=dtype, device_map="auto" if device == "cuda" else "cpu", max_memory=config.max_memory)
     if not weights.prequantized:  # such a checkpoint loads by its own quantization_config, checked against the job's
-        kwargs["quantization_config"] = bnb_config(config)
+        kwargs["quantization_config"] = quantization_config(config, device)
     if weights.kind == "synthetic":
         architecture = architecture_config(weights.architecture)
         state = synthetic_state_dict(architecture, weights.seed, dtype, distinct=device == "cpu", outliers=weights.outliers)
@@ -56,7 +56,7 @@ def load(job: Job) -> LoadedModel:
     model.eval()
     gc.collect()
     _return_freed_host_memory()  # what quantizing on load freed (the 16-bit source tensors) is not the generation's
-    return LoadedModel(model=model, report=verify(model, config), load_s=load_s)
+    return LoadedModel(model=model, report=verify(model, config, device), load_s=load_s)
 
 
 class ModelCache:

@@ -1,10 +1,13 @@
-"""bits -> BitsAndBytesConfig, and the proof that the loaded model is what was asked for.
+"""bits and backend -> the quantization config transformers loads with (bitsandbytes' or
+torchao's), and the proof that the loaded model is what was asked for.
 
 transformers >= 5.5 swaps only modules whose type is exactly `nn.Linear` for bitsandbytes
 layers. Falcon's `FalconLinear(nn.Linear)` computes the same product but fails that test, so a
 Falcon model asked for in 4-bit silently loads in bf16. `quantizable_linears` builds such models
 with plain `nn.Linear` layers (same weights, same maths) so they quantize; `verify` refuses any
-model whose layers or footprint do not match the request.
+model whose layers or footprint do not match the request. torchao keeps `nn.Linear` and swaps its
+weight for a tensor subclass whose `numel()` and dtype are the unquantized ones: its bytes are
+counted from the tensors inside it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from falcon_exp.config import ConfigError, FalconExpError, JobConfig, QuantizationConfig
 from falcon_exp.records import QuantizationReport
@@ -29,6 +33,42 @@ KEEP_FULL_PRECISION = ("lm_head",)
 
 class QuantizationNotRealised(FalconExpError):
     """The model that loaded is not the model that was asked for."""
+
+
+def quantization_config(config: JobConfig, device: str) -> Any:
+    """What transformers loads the job's weights with: its backend's config; None unquantized."""
+    if config.bits == 16:
+        return None
+    return torchao_config(config, device) if config.quantization.backend == "torchao" else bnb_config(config)
+
+
+# torchao's layouts by scheme and device: (its config, the weight's tensor subclass). int4 has one
+# kernel family per device: tinygemm's tile-packed layout on CUDA, the opaque CPU layout (a torchao
+# prototype) on the CPU.
+def _torchao_scheme(config: JobConfig, device: str) -> tuple[Any, str]:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    quant = config.quantization
+    if config.bits == 4 and device == "cuda":
+        return Int4WeightOnlyConfig(group_size=quant.group_size, int4_packing_format="tile_packed_to_4d"), "Int4TilePackedTo4dTensor"
+    if config.bits == 4:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=quant.group_size), "Int4OpaqueTensor"
+    return {"int8": (Int8WeightOnlyConfig(), "Int8Tensor"), "float8": (Float8WeightOnlyConfig(), "Float8Tensor"),
+            "float8_dynamic": (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), "Float8Tensor")}[quant.torchao_8bit]
+
+
+def torchao_config(config: JobConfig, device: str) -> Any:
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(_torchao_scheme(config, device)[0])
 
 
 def bnb_config(config: JobConfig) -> Any:
@@ -90,7 +130,7 @@ def quantizable_linears() -> Iterator[None]:
 def cpu_kernel(config: JobConfig) -> str | None:
     """Which bitsandbytes kernel a batch-1 decode step runs on this CPU: CPU timings of nf4 and
     int8 depend on it more than on anything else, and CPUs differ (AVX-512, AVX-512-BF16)."""
-    if config.bits == 16:
+    if config.bits == 16 or config.quantization.backend != "bitsandbytes":
         return None
     import bitsandbytes.backends.cpu.ops as cpu
     from bitsandbytes.functional import has_avx512bf16
@@ -111,8 +151,8 @@ def inspect(model: torch.nn.Module) -> QuantizationReport:
     import bitsandbytes as bnb
 
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    four = sum(isinstance(m, bnb.nn.Linear4bit) for _, m in linear)
-    eight = sum(isinstance(m, bnb.nn.Linear8bitLt) for _, m in linear)
+    four = sum(isinstance(m, bnb.nn.Linear4bit) or type(m.weight).__name__.startswith("Int4") for _, m in linear)
+    eight = sum(isinstance(m, bnb.nn.Linear8bitLt) or type(m.weight).__name__ in ("Int8Tensor", "Float8Tensor") for _, m in linear)
     realised = "4bit" if four else "8bit" if eight else "none"
     return QuantizationReport(len(linear), four + eight, weights_bytes(model), realised)
 
@@ -134,14 +174,25 @@ def int8_outliers(model: torch.nn.Module) -> dict[str, float]:
 
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes a forward pass reads for weights: every parameter and buffer once (tied weights
-    share storage), plus bitsandbytes' quantization scales, which are neither."""
+    share storage), plus bitsandbytes' quantization scales, which are neither, and for torchao's
+    tensor subclasses the tensors they hold (data, scales, zero points), not their logical size."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers(), *_quantization_scales(model)]:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+        for stored in stored_tensors(tensor):
+            if stored.data_ptr() in seen:
+                continue
+            seen.add(stored.data_ptr())
+            total += stored.numel() * stored.element_size()
     return total
+
+
+def stored_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or those inside a tensor subclass."""
+    if not is_traceable_wrapper_subclass(tensor):
+        yield tensor
+        return
+    for name in tensor.__tensor_flatten__()[0]:
+        yield from stored_tensors(getattr(tensor, name))
 
 
 def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
@@ -158,15 +209,17 @@ def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield scb
 
 
-def _layer_findings(module: torch.nn.Module, bits: int, quant: QuantizationConfig, dtype: torch.dtype) -> dict[str, tuple]:
+def _layer_findings(module: torch.nn.Module, config: JobConfig, device: str) -> dict[str, tuple]:
     """What one linear layer holds against what was asked: {property: (asked, found)} where they differ."""
     import bitsandbytes as bnb
 
-    weight = module.weight
+    weight, bits, quant = module.weight, config.bits, config.quantization
     if bits == 16:
-        kind = "bitsandbytes" if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) else "plain"
-        asked = {"layer": "plain", "weight dtype": dtype}
-        found = {"layer": kind, "weight dtype": weight.dtype}
+        quantized = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or is_traceable_wrapper_subclass(weight)
+        asked = {"layer": "plain", "weight dtype": getattr(torch, config.dtype)}
+        found = {"layer": "quantized" if quantized else "plain", "weight dtype": weight.dtype}
+    elif quant.backend == "torchao":
+        asked, found = _torchao_findings(weight, config, device)
     elif bits == 4:
         state = getattr(weight, "quant_state", None)
         shape = tuple(state.shape) if state is not None else tuple(weight.shape)
@@ -187,17 +240,35 @@ def _layer_findings(module: torch.nn.Module, bits: int, quant: QuantizationConfi
     return {key: (asked[key], found[key]) for key in asked if asked[key] != found[key]}
 
 
-def verify(model: torch.nn.Module, config: JobConfig) -> QuantizationReport:
+def _torchao_findings(weight: torch.Tensor, config: JobConfig, device: str) -> tuple[dict, dict]:
+    """torchao's weight against the request: its tensor subclass, the bytes of its data (int4: two
+    weights a byte), the group a scale covers (int4: group_size; 8-bit: a row), whether
+    activations are quantized too."""
+    _, subclass = _torchao_scheme(config, device)
+    rows, columns = weight.shape
+    subclass_found = is_traceable_wrapper_subclass(weight)
+    data = getattr(weight, "qdata", None) if subclass_found else None
+    asked = {"weight": subclass, "data bytes": rows * columns // (2 if config.bits == 4 else 1),
+             "group": config.quantization.group_size if config.bits == 4 else columns,
+             "activations": "quantized" if config.quantization.torchao_8bit == "float8_dynamic" and config.bits == 8 else "as they are"}
+    found = {"weight": type(weight).__name__, "data bytes": None if data is None else data.numel() * data.element_size(),
+             "group": (getattr(weight, "block_size", None) or [None])[-1],
+             "activations": "quantized" if getattr(weight, "act_quant_kwargs", None) is not None else "as they are"}
+    return asked, found
+
+
+def verify(model: torch.nn.Module, config: JobConfig, device: str) -> QuantizationReport:
     """Refuse a model whose layers do not hold what was asked, compared layer by layer with the
     request: layer class, weight storage dtype and bytes, quantization state, 4-bit data type,
-    nested quantization and compute dtype, LLM.int8's threshold and row scales. A checkpoint that
-    carries its own quantization_config makes transformers ignore the request; this finds it."""
+    nested quantization and compute dtype, LLM.int8's threshold and row scales; for torchao the
+    weight's tensor subclass, its data bytes, group size and activation quantization. A checkpoint
+    that carries its own quantization_config makes transformers ignore the request; this finds it."""
     report = inspect(model)
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
     mismatches: dict[str, list] = {}
     for _, module in layers:
-        for key, (asked, found) in _layer_findings(module, config.bits, config.quantization, getattr(torch, config.dtype)).items():
+        for key, (asked, found) in _layer_findings(module, config, device).items():
             mismatches.setdefault(key, [asked, found, 0])[2] += 1
     if mismatches:
         (key, (asked, found, count)), *others = mismatches.items()

@@ -68,7 +68,8 @@ MEMORY = _metrics(
     Metric(PEAK_RESERVED_GB, "GB", "as peak_allocated_gb, for memory the allocator reserved from the driver"),
     Metric(PROCESS_GB, "GB", "this process's memory on each model GPU as NVML reports it after the generation "
                              "(CUDA context, allocator reserve, libraries), and their sum"),
-    Metric(WEIGHTS_GB, "GB", "bytes of every parameter and buffer once, with bitsandbytes' quantization scales"),
+    Metric(WEIGHTS_GB, "GB", "bytes of every parameter and buffer once, with bitsandbytes' quantization scales and the "
+                               "tensors inside torchao's weights (data, scales, zero points)"),
 )
 GB = 1e9  # memory figures are decimal gigabytes
 
@@ -159,7 +160,7 @@ CONDITIONAL |= {
     TAG_FAST_FALLBACK: "when generation.fast runs without compilation or without a CUDA graph",
     TAG_UNMEASURED: "when a figure could not be measured (it then has no value)",
     TAG_ROOFLINE_WARNING: "when a sample decodes faster than the floor allows",
-    TAG_BNB_KERNEL: "on a CPU run in 4 or 8 bits",
+    TAG_BNB_KERNEL: "on a CPU run of bitsandbytes in 4 or 8 bits",
     TAG_TEXT: "for synthetic weights",
     TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
     TAG_SLURM_JOB: "in a SLURM job",

@@ -177,7 +177,8 @@ def job_run(job: Job, name: str, tags: dict[str, str], config_yaml: str, parent_
     run = client.create_run(experiment_id(job.config.tracking.experiment), run_name=name, tags=run_tags)
     run_id = run.info.run_id
     try:
-        params = [Param(k, _param_value(v)) for k, v in sorted(job.config.flat.items())] + [Param("mode", job.config.mode)]
+        params = [Param(k, _param_value(v)) for k, v in sorted(job.config.flat.items())]
+        params += [Param("mode", job.config.mode), Param("scheme", job.config.scheme)]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         client.log_text(run_id, config_yaml, "config/config.yaml")
@@ -429,13 +430,15 @@ def print_summary(children: list[Run]) -> None:
     common = set.intersection(*map(set, names)) if names else set()
     jobs = [",".join(part for part in name if part not in common) or ",".join(name) for name in names]
     width = max([len("job"), *map(len, jobs)])
-    header = f"{'mode':<6} {'job':<{width}} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'decode tok/s':>12}"
+    modes = [run.data.params.get("mode", "?") for run in children]
+    mode_width = max([len("mode"), *map(len, modes)])
+    header = f"{'mode':<{mode_width}} {'job':<{width}} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'decode tok/s':>12}"
     lines = [header, "-" * len(header)]
-    for run, job in zip(children, jobs):
+    for run, job, mode in zip(children, jobs, modes):
         m = run.data.metrics
         peak = m.get(schema.PEAK_ALLOCATED_GB, m.get(schema.PEAK_RSS_GB, nan))
         lines.append(
-            f"{run.data.params.get('mode', '?'):<6} {job:<{width}} {run.info.status:<9} "
+            f"{mode:<{mode_width}} {job:<{width}} {run.info.status:<9} "
             f"{m.get(schema.WEIGHTS_GB, nan):>10.3f} {peak:>8.3f} "
             f"{m.get(schema.DECODE_MS_PER_TOKEN, nan):>9.1f} {m.get(schema.DECODE_TOKENS_PER_S, nan):>12.2f}"
         )

@@ -57,7 +57,7 @@ def test_a_falcon_40b_layer_is_quantized_through_the_real_path(bits, layer):
             None, config=config, state_dict=state, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu"
         )
     quantized = [n for n, m in model.named_modules() if isinstance(m, layer)]
-    assert len(quantized) == 4 and verify(model, quant).quantized_layers == 4
+    assert len(quantized) == 4 and verify(model, quant, "cpu").quantized_layers == 4
     qkv = model.transformer.h[0].self_attention.query_key_value
     assert (qkv.in_features, qkv.out_features) == (8192, (128 + 2 * 8) * 64)
     with torch.inference_mode():

@@ -45,7 +45,7 @@ def test_every_falcon_linear_but_the_head_is_quantized(bits, layer):
     assert len(linears) == 4 * 4 + 1  # four per layer, and the output head
     assert all(isinstance(m, layer) for n, m in linears.items() if n != "lm_head")
     assert not isinstance(linears["lm_head"], layer)
-    report = verify(model, ask(bits))
+    report = verify(model, ask(bits), "cpu")
     assert report.quantized_layers == 16 and report.realised == f"{bits}bit"
 
 
@@ -54,7 +54,7 @@ def test_transformers_alone_leaves_falcon_unquantized_and_verify_refuses_it():
     model = load_falcon(ask(4), make_quantizable=False)
     assert inspect(model).realised == "none"
     with pytest.raises(QuantizationNotRealised, match="layer asked Linear4bit, found FalconLinear in 16 of 16 linear layers"):
-        verify(model, ask(4))
+        verify(model, ask(4), "cpu")
 
 
 def test_the_twin_class_is_restored_after_loading():
@@ -90,7 +90,7 @@ def test_verify_refuses_a_partly_quantized_model():
     model = load_falcon(ask(8))
     model.transformer.h[0].mlp.dense_h_to_4h = torch.nn.Linear(256, 1024)
     with pytest.raises(QuantizationNotRealised, match="layer asked Linear8bitLt, found Linear in 1 of 16 linear layers"):
-        verify(model, ask(8))
+        verify(model, ask(8), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +122,14 @@ def test_a_checkpoints_own_quantization_is_found_layer_by_layer(saved, checkpoin
     warning only); verify compares what the layers hold with what was asked."""
     model = load_checkpoint(saved / checkpoint, asked)
     with pytest.raises(QuantizationNotRealised, match=message):
-        verify(model, asked)
+        verify(model, asked, "cpu")
 
 
 def test_what_a_checkpoint_holds_passes_as_asked(saved):
     asked = ask(4, double_quant=True)
-    assert verify(load_checkpoint(saved / "nf4-double", asked), asked).realised == "4bit"
+    assert verify(load_checkpoint(saved / "nf4-double", asked), asked, "cpu").realised == "4bit"
     asked = ask(8, int8_threshold=3.0)
-    assert verify(load_checkpoint(saved / "int8-t3", asked), asked).realised == "8bit"
+    assert verify(load_checkpoint(saved / "int8-t3", asked), asked, "cpu").realised == "8bit"
 
 
 def test_a_bitsandbytes_layer_holding_unquantized_weights_does_not_pass():
@@ -139,7 +139,7 @@ def test_a_bitsandbytes_layer_holding_unquantized_weights_does_not_pass():
     model.transformer.h[0].mlp.dense_h_to_4h = bnb.nn.Linear4bit(256, 1024, bias=False, compute_dtype=torch.bfloat16,
                                                                  quant_type="nf4")
     with pytest.raises(QuantizationNotRealised, match="weight dtype asked uint8, found float32 in 1 of 16"):
-        verify(model, ask(4))
+        verify(model, ask(4), "cpu")
 
 
 def test_the_checkpoints_own_settings_are_read_as_a_request():

@@ -104,10 +104,24 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
             sample_rows.append(
                 {"run_id": run.info.run_id, "prompt_index": step // repetitions, "repetition": step % repetitions} | values
             )
-    runs = pd.DataFrame(rows)
+    runs = _as_logged_today(pd.DataFrame(rows))
     samples = pd.DataFrame(sample_rows)
     tidy = _tidy(runs, samples)
     return Loaded(runs=runs, samples=samples, tidy=tidy, skipped=skipped, source=source, parent_run_id=parent_run_id)
+
+
+# Runs of releases before the torchao backend logged neither backend nor scheme: bitsandbytes was
+# the only backend, and the scheme followed from the mode.
+SCHEME_OF_EARLIER_MODE = {"nf4": "nf4", "fp4": "fp4", "int8": "llm.int8"}
+
+
+def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty:
+        return runs
+    backend = runs.get("quantization.backend", pd.Series(None, index=runs.index, dtype=object))
+    scheme = runs.get("scheme", pd.Series(None, index=runs.index, dtype=object))
+    return runs.assign(**{"quantization.backend": backend.fillna("bitsandbytes"),
+                          "scheme": scheme.fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))})
 
 
 def _tidy(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

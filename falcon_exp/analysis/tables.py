@@ -33,9 +33,11 @@ SPREAD_NOTE = ("Timing columns: median over prompts x repetitions ± the spread 
                "(each prompt's standard deviation over its repetitions, median over prompts; none with one repetition).")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
-KEYS = ("model.name", "mode", "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
-        "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold", "dtype", "force_length")
-MODE_ORDER = {"nf4": 0, "fp4": 1, "int8": 2, "bf16": 3, "fp16": 4, "fp32": 5}
+BACKEND = "quantization.backend"
+KEYS = ("model.name", "mode", BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
+        "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold",
+        "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length")
+MODE_ORDER = {m: i for i, m in enumerate(("nf4", "fp4", "ao-int4", "int8", "ao-int8", "ao-fp8", "ao-fp8dyn", "bf16", "fp16", "fp32"))}
 
 
 def column(frame: pd.DataFrame, key: str, default: object = float("nan")) -> pd.Series:
@@ -57,8 +59,8 @@ def varying(runs: pd.DataFrame) -> list[str]:
     for key in KEYS:
         if key in chosen or key not in runs:
             continue
-        if text.groupby(chosen)[key].nunique().max() > 1:
-            chosen.append(key)
+        if text.groupby(chosen)[key].nunique().max() > 1 or (key == BACKEND and text[key].nunique() > 1):
+            chosen.append(key)  # the backend, fixed by the mode, is shown wherever the runs span backends
     return chosen
 
 
@@ -137,6 +139,8 @@ RESULT_COLUMNS = {
     "model.weights": "weights",
     "setting": "setting",
     "mode": "mode",
+    BACKEND: "backend",
+    "scheme": "scheme",
     "bits": "bits",
     "max_length": "max_length",
     "force_length": "force_length",
@@ -187,7 +191,8 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "roofline_fraction": runs[schema.ROOFLINE_FRACTION],
         "peak_memory_gb": runs[PEAK_GB],
         "quant": runs["mode"],
-        "int8_threshold": column(runs, "quantization.int8_threshold").where(runs["bits"] == 8),
+        "backend": column(runs, BACKEND, ""),
+        "int8_threshold": column(runs, "quantization.int8_threshold").where((runs["bits"] == 8) & (column(runs, BACKEND, "") == "bitsandbytes")),
         "new_tokens": column(runs, "max_new_tokens"),
         "floor_ms_per_token": column(runs, schema.FLOOR_MS_PER_TOKEN),
         "bandwidth": read.notna().map({True: "read", False: "copy"}),
