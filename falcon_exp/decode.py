@@ -167,7 +167,7 @@ class FastDecoder:
         devices = {p.device for p in self.model.parameters()}
         if len(devices) > 1:
             return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
-        if config.bits == 8 and config.quantization.int8_threshold > 0:
+        if config.bits == 8 and config.quantization.backend == "bitsandbytes" and config.quantization.int8_threshold > 0:
             return (
                 f"LLM.int8 with int8_threshold={config.quantization.int8_threshold} looks for outlier columns on the host "
                 "at every matmul (a device-to-host sync), which a CUDA graph cannot hold; int8_threshold=0 avoids it"

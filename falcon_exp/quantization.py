@@ -248,8 +248,10 @@ def _torchao_findings(weight: torch.Tensor, config: JobConfig, device: str) -> t
     rows, columns = weight.shape
     subclass_found = is_traceable_wrapper_subclass(weight)
     data = getattr(weight, "qdata", None) if subclass_found else None
+    if subclass == "Int4TilePackedTo4dTensor":  # tinygemm's layout pads rows to 8 and columns to 1024 (the padding is read too)
+        rows, columns = -(-rows // 8) * 8, -(-columns // 1024) * 1024
     asked = {"weight": subclass, "data bytes": rows * columns // (2 if config.bits == 4 else 1),
-             "group": config.quantization.group_size if config.bits == 4 else columns,
+             "group": config.quantization.group_size if config.bits == 4 else weight.shape[1],
              "activations": "quantized" if config.quantization.torchao_8bit == "float8_dynamic" and config.bits == 8 else "as they are"}
     found = {"weight": type(weight).__name__, "data bytes": None if data is None else data.numel() * data.element_size(),
              "group": (getattr(weight, "block_size", None) or [None])[-1],
@@ -274,6 +276,9 @@ def verify(model: torch.nn.Module, config: JobConfig, device: str) -> Quantizati
         (key, (asked, found, count)), *others = mismatches.items()
         # other layer classes differ in everything else too; otherwise name what else differs
         more = f"; also {', '.join(k for k, _ in others)} differ" if others and key != "layer" else ""
+        if config.quantization.backend == "torchao" and config.bits == 4 and found == "Parameter":
+            group = config.quantization.group_size
+            more += f" (torchao leaves a layer unquantized when quantization.group_size={group} does not divide its input width)"
         raise QuantizationNotRealised(
             f"asked for bits={config.bits} but the model loaded otherwise: {key} asked {_shown(asked)}, found "
             f"{_shown(found)} in {count} of {len(layers)} linear layers{more} (weights {report.weights_bytes / 1e9:.4g} GB); "
