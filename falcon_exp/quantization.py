@@ -44,7 +44,9 @@ def quantization_config(config: JobConfig, device: str) -> Any:
 
 # torchao's layouts by scheme and device: (its config, the weight's tensor subclass). int4 has one
 # kernel family per device: tinygemm's tile-packed layout on CUDA, the opaque CPU layout (a torchao
-# prototype) on the CPU.
+# prototype) on the CPU. set_inductor_config=False: torchao's recommended inductor settings turn on
+# coordinate-descent autotuning, under which the fast path's compile of Falcon-7B ran past three
+# minutes on an H200; every backend's fast path compiles with the same inductor defaults.
 def _torchao_scheme(config: JobConfig, device: str) -> tuple[Any, str]:
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
@@ -56,13 +58,16 @@ def _torchao_scheme(config: JobConfig, device: str) -> tuple[Any, str]:
 
     quant = config.quantization
     if config.bits == 4 and device == "cuda":
-        return Int4WeightOnlyConfig(group_size=quant.group_size, int4_packing_format="tile_packed_to_4d"), "Int4TilePackedTo4dTensor"
+        return (Int4WeightOnlyConfig(group_size=quant.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False),
+                "Int4TilePackedTo4dTensor")
     if config.bits == 4:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-        return PrototypeInt4WeightOnlyConfig(group_size=quant.group_size), "Int4OpaqueTensor"
-    return {"int8": (Int8WeightOnlyConfig(), "Int8Tensor"), "float8": (Float8WeightOnlyConfig(), "Float8Tensor"),
-            "float8_dynamic": (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), "Float8Tensor")}[quant.torchao_8bit]
+        return PrototypeInt4WeightOnlyConfig(group_size=quant.group_size, set_inductor_config=False), "Int4OpaqueTensor"
+    return {"int8": (Int8WeightOnlyConfig(set_inductor_config=False), "Int8Tensor"),
+            "float8": (Float8WeightOnlyConfig(set_inductor_config=False), "Float8Tensor"),
+            "float8_dynamic": (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False), "Float8Tensor"),
+            }[quant.torchao_8bit]
 
 
 def torchao_config(config: JobConfig, device: str) -> Any:
