@@ -21,7 +21,7 @@ BITS = (4, 8, 16)
 WEIGHTS = ("packaged", "hub", "synthetic")
 QUANT_TYPES = ("nf4", "fp4")
 BACKENDS = ("bitsandbytes", "torchao")
-GROUP_SIZES = (32, 64, 128, 256)  # torchao's int4 kernels'
+GROUP_SIZES = (32, 64, 128)  # those torchao's int4 kernels take on both CPU and CUDA
 TORCHAO_8BIT = ("int8", "float8", "float8_dynamic")
 # torchao's schemes by bits (8: by quantization.torchao_8bit): the logged `scheme`, and the short `mode`
 TORCHAO_SCHEMES = {4: ("int4_weight_only", "ao-int4"), "int8": ("int8_weight_only", "ao-int8"),

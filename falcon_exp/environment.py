@@ -12,7 +12,7 @@ from pathlib import Path
 from falcon_exp import schema
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "hydra-core", "mlflow", "falcon-exp")
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "hydra-core", "mlflow", "falcon-exp")
 # falcon-exp patches these libraries' internals (Falcon's linear class and head split, bitsandbytes'
 # CPU kernels and log lines): the versions it was tested with, as pinned in constraints.txt.
 TESTED = {"transformers": ("5.24.0",), "bitsandbytes": ("0.50.2",)}

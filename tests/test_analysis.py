@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import runs_of
+from conftest import QUICK, run_cli, runs_of
 from falcon_exp.analysis.__main__ import main as analysis_main
 
 pytestmark = pytest.mark.slow
@@ -149,7 +149,8 @@ def test_nothing_selected_is_said_in_one_line(tmp_path, sweep_store, monkeypatch
 
 
 def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):
-    """`time/tokens_per_s` (end-to-end, prefill included) is `time/e2e_tokens_per_s` now."""
+    """`time/tokens_per_s` (end-to-end, prefill included) is `time/e2e_tokens_per_s` now; backend and
+    scheme, unlogged then, are what they were."""
     from mlflow import MlflowClient
 
     from falcon_exp.analysis.load import load
@@ -166,3 +167,19 @@ def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):
     loaded = load(uri, sweep=None)
     assert loaded.runs.loc[0, "time/e2e_tokens_per_s"] == 16.0 and "time/tokens_per_s" not in loaded.runs
     assert loaded.samples.loc[0, "sample/time/e2e_tokens_per_s"] == 16.0
+    assert (loaded.runs.loc[0, "quantization.backend"], loaded.runs.loc[0, "scheme"]) == ("bitsandbytes", "nf4")  # the only one then
+
+
+def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path, monkeypatch, capsys):
+    """`-m quantization.backend=bitsandbytes,torchao bits=8`: one run per backend, told apart in every table."""
+    uri = f"sqlite:///{tmp_path}/backends.db"
+    done = run_cli("-m", "quantization.backend=bitsandbytes,torchao", "bits=8", *QUICK, "repetitions=1", cwd=tmp_path,
+                   env={"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ao-int8" in done.stderr and "Failed to load" not in done.stderr  # torchao's import noise stays out
+    out = analyse_in(tmp_path / "f", uri, monkeypatch, capsys)
+    assert "read 2 runs" in out
+    results = pd.read_csv(tmp_path / "f" / "figures" / "results.csv")
+    assert sorted(zip(results["backend"], results["mode"], results["scheme"])) == [
+        ("bitsandbytes", "int8", "llm.int8"), ("torchao", "ao-int8", "int8_weight_only")]
+    assert "backend" in (tmp_path / "f" / "figures" / "comparison.md").read_text().splitlines()[0]

@@ -1,22 +1,28 @@
-"""Real bitsandbytes layers on the CPU: the model that loads is the model that was asked for."""
+"""Real bitsandbytes layers and torchao weights on the CPU: the model that loads is the model that was asked for."""
 
 from __future__ import annotations
+
+import sys
 
 import bitsandbytes as bnb
 import pytest
 import torch
 from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
 
-from conftest import compose
-from falcon_exp.config import ConfigError, JobConfig, knobs
+from conftest import compose, resolve_job
+from falcon_exp.cache import content_hash
+from falcon_exp.config import TORCHAO_ONLY, ConfigError, JobConfig, knobs
 from falcon_exp.quantization import (
     QuantizationNotRealised,
     bnb_config,
     differences,
     inspect,
     quantizable_linears,
+    quantization_config,
     request_of_checkpoint,
+    stored_tensors,
     verify,
+    weights_bytes,
 )
 from falcon_exp.weights import architecture_config, synthetic_state_dict
 
@@ -31,7 +37,8 @@ def load_falcon(quant: JobConfig, make_quantizable: bool = True, **shape):
     for key, value in shape.items():
         setattr(config, key, value)
     state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=True)
-    kwargs = dict(config=config, state_dict=state, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu")
+    kwargs = dict(config=config, state_dict=state, quantization_config=quantization_config(quant, "cpu"), dtype=torch.bfloat16,
+                  device_map="cpu")
     if make_quantizable:
         with quantizable_linears():
             return FalconForCausalLM.from_pretrained(None, **kwargs)
@@ -187,3 +194,69 @@ def test_outliers_are_planted_only_in_synthetic_weights():
         compose("bits=8", "model.synthetic_outliers=6")
     with pytest.raises(ConfigError, match=r"model.outlier_gain=0.5 is not allowed; it must be a number > 1"):
         compose("model=tiny-falcon", "model.outlier_gain=0.5")
+
+
+def _stored_bytes_of_linears(model) -> int:
+    return sum(t.numel() * t.element_size() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+               for t in stored_tensors(m.weight))
+
+
+# torchao's schemes on the CPU: the overrides, the weight's tensor subclass, and the bytes one
+# (rows x columns) weight stores: int4 two weights a byte and a bf16 scale and zero per group of
+# 32; int8 a byte, a float32 scale and an int8 zero point per row; float8 a byte, a float32 scale.
+TORCHAO_CPU = {
+    "int4": (("bits=4", "quantization.group_size=32"), "Int4OpaqueTensor", lambda n, k: n * k // 2 + (k // 32) * n * 2 * 2),
+    "int8": (("bits=8",), "Int8Tensor", lambda n, k: n * k + n * 4 + n),
+    "float8": (("bits=8", "quantization.torchao_8bit=float8"), "Float8Tensor", lambda n, k: n * k + n * 4),
+}
+
+
+@pytest.mark.parametrize("scheme", TORCHAO_CPU)
+def test_torchao_weights_are_verified_and_their_bytes_counted_from_what_they_store(scheme):
+    """torchao keeps nn.Linear and swaps its weight for a tensor subclass whose numel() and dtype are
+    the unquantized ones: counted naively, its weights would weigh what bf16 weighs."""
+    from falcon_exp.models import load
+
+    overrides, subclass, stored = TORCHAO_CPU[scheme]
+    job = resolve_job("model=tiny-falcon", "quantization.backend=torchao", *overrides)
+    loaded = load(job)
+    linears = {n: m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert {type(m.weight).__name__ for m in linears.values()} == {subclass}
+    assert loaded.report.quantized_layers == 16 and loaded.report.realised == f"{job.config.bits}bit"
+    assert _stored_bytes_of_linears(loaded.model) == sum(stored(*m.weight.shape) for m in linears.values())
+    logical = sum(m.weight.numel() * 2 for m in linears.values())  # what numel() x element_size() would say
+    others = sum(t.numel() * t.element_size() for n, t in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]
+                 if n.rsplit(".", 1)[0] not in linears)
+    assert weights_bytes(loaded.model) == others + _stored_bytes_of_linears(loaded.model) < others + logical
+    asked_otherwise = resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=8",
+                                  f"quantization.torchao_8bit={'int8' if scheme == 'float8' else 'float8'}").config
+    with pytest.raises(QuantizationNotRealised, match=f"weight asked \\w+, found {subclass} in 16 of 16 linear layers"):
+        verify(loaded.model, asked_otherwise, "cpu")
+
+
+def test_a_group_size_that_does_not_divide_a_layer_leaves_it_unquantized_and_is_refused():
+    """As Falcon-7B's width, 4544, and torchao's default group of 128: those layers stay bf16."""
+    asked = ask(4, backend="torchao", group_size=64)
+    model = load_falcon(asked, hidden_size=288)  # 288 = 4.5 groups of 64; the MLP's 1152 is 18
+    with pytest.raises(QuantizationNotRealised, match="weight asked Int4OpaqueTensor, found Parameter in 12 of 16 linear layers; "
+                                                      ".* quantization.group_size=64 does not divide its input width"):
+        verify(model, asked, "cpu")
+
+
+def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_device(monkeypatch):
+    with pytest.raises(ConfigError, match="^quantization.torchao_8bit=float8_dynamic needs a GPU of CUDA compute capability >= 8.9"):
+        resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=8", "quantization.torchao_8bit=float8_dynamic",
+                    "device=cpu")
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed
+    missing = '^quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp\\[torchao\\]"$'
+    with pytest.raises(ConfigError, match=missing):
+        resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=4")
+    assert resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=16").config.mode == "bf16"  # nothing to quantize
+
+
+def test_a_bitsandbytes_job_keeps_the_identity_it_had_before_the_backend_existed():
+    """resume=true must still find runs logged before quantization.backend was a setting."""
+    job = resolve_job("model=tiny-falcon", "bits=4")
+    before = {k: v for k, v in job.config.flat.items() if k not in ("resume", *TORCHAO_ONLY)}
+    assert job.identity == content_hash(before | {"prompts.items": list(job.config.prompts.items)})
+    assert resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=torchao").identity != job.identity
