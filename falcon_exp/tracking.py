@@ -431,7 +431,7 @@ def print_summary(children: list[Run]) -> None:
     jobs = [",".join(part for part in name if part not in common) or ",".join(name) for name in names]
     width = max([len("job"), *map(len, jobs)])
     modes = [run.data.params.get("mode", "?") for run in children]
-    mode_width = max([len("mode"), *map(len, modes)])
+    mode_width = max([6, *map(len, modes)])
     header = f"{'mode':<{mode_width}} {'job':<{width}} {'status':<9} {'weights_gb':>10} {'peak_gb':>8} {'ms/token':>9} {'decode tok/s':>12}"
     lines = [header, "-" * len(header)]
     for run, job, mode in zip(children, jobs, modes):

@@ -67,7 +67,7 @@ def test_the_console_command_has_a_short_help_shell_completion_and_its_own_log_f
     assert command, "the console script falcon-exp is not installed"
     help_page = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60)
     assert help_page.returncode == 0 and help_page.stdout.startswith("falcon-exp: what does quantizing")
-    assert "bits                         4, 8 (bitsandbytes) or 16" in help_page.stdout and "model: " in help_page.stdout
+    assert "bits                         4, 8 (quantization.backend's) or 16" in help_page.stdout and "model: " in help_page.stdout
     assert "magical object" not in help_page.stdout  # not the whole config with its prompt list
     completion = subprocess.run([command, "-sc", "install=bash"], capture_output=True, text=True, timeout=60)
     assert completion.returncode == 0 and "complete" in completion.stdout and "falcon-exp" in completion.stdout
