@@ -115,10 +115,11 @@ class _KernelsHint(logging.Filter):
 
 
 class _Expected(logging.Filter):
-    """Warnings that say nothing about a run: torchao's import tries its CUDA kernel libraries even
-    where torch has no CUDA, and uses an API torch has deprecated. Kept out of the job's log."""
+    """Warnings that say nothing about a run: torchao's import (transformers imports it wherever it
+    is installed) tries its CUDA kernel libraries and Triton even where torch has no CUDA, and uses
+    an API torch has deprecated. Kept out of the job's log."""
 
-    EXPECTED = ("Failed to load", "is an Enum subclass and is now natively supported")
+    EXPECTED = ("Failed to load", "Detected no triton", "is an Enum subclass and is now natively supported")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -134,7 +135,7 @@ def quiet_third_party() -> None:
     if _INSTALLED:
         return
     for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint),
-                       ("torchao", _Expected), ("torch.utils._pytree", _Expected)):
+                       ("torchao", _Expected), ("torchao.kernel.intmm", _Expected), ("torch.utils._pytree", _Expected)):
         logger, installed = logging.getLogger(name), kind()
         logger.addFilter(installed)
         _INSTALLED.append((logger, installed))

@@ -176,7 +176,7 @@ def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path
     done = run_cli("-m", "quantization.backend=bitsandbytes,torchao", "bits=8", *QUICK, "repetitions=1", cwd=tmp_path,
                    env={"MLFLOW_TRACKING_URI": uri})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ao-int8" in done.stderr and "Failed to load" not in done.stderr  # torchao's import noise stays out
+    assert "ao-int8" in done.stderr and "Failed to load" not in done.stderr and "triton" not in done.stderr  # import noise stays out
     out = analyse_in(tmp_path / "f", uri, monkeypatch, capsys)
     assert "read 2 runs" in out
     results = pd.read_csv(tmp_path / "f" / "figures" / "results.csv")
