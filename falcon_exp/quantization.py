@@ -156,8 +156,9 @@ def inspect(model: torch.nn.Module) -> QuantizationReport:
     import bitsandbytes as bnb
 
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    four = sum(isinstance(m, bnb.nn.Linear4bit) or type(m.weight).__name__.startswith("Int4") for _, m in linear)
-    eight = sum(isinstance(m, bnb.nn.Linear8bitLt) or type(m.weight).__name__ in ("Int8Tensor", "Float8Tensor") for _, m in linear)
+    torchao = [type(m.weight).__name__ for _, m in linear if is_traceable_wrapper_subclass(m.weight)]  # Int4..., Int8/Float8Tensor
+    four = sum(isinstance(m, bnb.nn.Linear4bit) for _, m in linear) + sum(name.startswith("Int4") for name in torchao)
+    eight = sum(isinstance(m, bnb.nn.Linear8bitLt) for _, m in linear) + sum(not name.startswith("Int4") for name in torchao)
     realised = "4bit" if four else "8bit" if eight else "none"
     return QuantizationReport(len(linear), four + eight, weights_bytes(model), realised)
 
@@ -257,7 +258,7 @@ def _torchao_findings(weight: torch.Tensor, config: JobConfig, device: str) -> t
         rows, columns = -(-rows // 8) * 8, -(-columns // 1024) * 1024
     asked = {"weight": subclass, "data bytes": rows * columns // (2 if config.bits == 4 else 1),
              "group": config.quantization.group_size if config.bits == 4 else weight.shape[1],
-             "activations": "quantized" if config.quantization.torchao_8bit == "float8_dynamic" and config.bits == 8 else "as they are"}
+             "activations": "quantized" if config.scheme == "float8_dynamic_activation" else "as they are"}
     found = {"weight": type(weight).__name__, "data bytes": None if data is None else data.numel() * data.element_size(),
              "group": (getattr(weight, "block_size", None) or [None])[-1],
              "activations": "quantized" if getattr(weight, "act_quant_kwargs", None) is not None else "as they are"}

@@ -18,6 +18,7 @@ import pandas as pd
 
 from falcon_exp import schema
 
+BACKEND, SCHEME = "quantization.backend", "scheme"  # params: the config key, and the scheme tracking logs beside `mode`
 REQUIRED_METRICS = (schema.DECODE_MS_PER_TOKEN, schema.GENERATE_S, schema.WEIGHTS_GB, schema.sample(schema.GENERATE_S),
                     schema.sample(schema.DECODE_MS_PER_TOKEN))
 TAGS = (schema.TAG_MODEL, schema.TAG_WEIGHTS, schema.TAG_DEVICE, schema.TAG_DEVICE_NAME, schema.TAG_MODEL_REUSED,
@@ -118,10 +119,9 @@ SCHEME_OF_EARLIER_MODE = {"nf4": "nf4", "fp4": "fp4", "int8": "llm.int8"}
 def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return runs
-    backend = runs.get("quantization.backend", pd.Series(None, index=runs.index, dtype=object))
-    scheme = runs.get("scheme", pd.Series(None, index=runs.index, dtype=object))
-    return runs.assign(**{"quantization.backend": backend.fillna("bitsandbytes"),
-                          "scheme": scheme.fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))})
+    unlogged = pd.Series(None, index=runs.index, dtype=object)
+    return runs.assign(**{BACKEND: runs.get(BACKEND, unlogged).fillna("bitsandbytes"),
+                          SCHEME: runs.get(SCHEME, unlogged).fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))})
 
 
 def _tidy(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from falcon_exp import schema
+from falcon_exp.analysis.load import BACKEND, SCHEME
 
 PEAK_GB = "memory/peak_gb"  # the analysis' own column: allocator peak where there was a GPU, else host RSS
 # (metric key, column title); a timing column is shown as "median ± spread between repetitions".
@@ -33,7 +34,6 @@ SPREAD_NOTE = ("Timing columns: median over prompts x repetitions ± the spread 
                "(each prompt's standard deviation over its repetitions, median over prompts; none with one repetition).")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
-BACKEND = "quantization.backend"
 KEYS = ("model.name", "mode", BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
         "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold",
         "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length")
@@ -140,7 +140,7 @@ RESULT_COLUMNS = {
     "setting": "setting",
     "mode": "mode",
     BACKEND: "backend",
-    "scheme": "scheme",
+    SCHEME: "scheme",
     "bits": "bits",
     "max_length": "max_length",
     "force_length": "force_length",
@@ -182,6 +182,7 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
     runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     fast = column(runs, "generation.fast", False).astype(str).str.lower() == "true"
     read = column(runs, schema.READ_BANDWIDTH_GBS)
+    backend = column(runs, BACKEND, "")
     table = pd.DataFrame({
         "device": column(runs, schema.TAG_DEVICE_NAME, None).fillna(column(runs, schema.TAG_DEVICE, "")),
         "model": runs["model.name"],
@@ -191,8 +192,8 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "roofline_fraction": runs[schema.ROOFLINE_FRACTION],
         "peak_memory_gb": runs[PEAK_GB],
         "quant": runs["mode"],
-        "backend": column(runs, BACKEND, ""),
-        "int8_threshold": column(runs, "quantization.int8_threshold").where((runs["bits"] == 8) & (column(runs, BACKEND, "") == "bitsandbytes")),
+        "backend": backend,
+        "int8_threshold": column(runs, "quantization.int8_threshold").where((runs["bits"] == 8) & (backend == "bitsandbytes")),
         "new_tokens": column(runs, "max_new_tokens"),
         "floor_ms_per_token": column(runs, schema.FLOOR_MS_PER_TOKEN),
         "bandwidth": read.notna().map({True: "read", False: "copy"}),
