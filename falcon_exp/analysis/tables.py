@@ -87,7 +87,7 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
         table[key + schema.REP_STD] = column(runs, key + schema.REP_STD)
     reference = reference_mode(runs)
     if reference is not None:  # each run against the reference run of the same other settings
-        on = ["_join"] + [k for k in keys if k not in ("mode", "bits")]
+        on = ["_join"] + [k for k in keys if k not in ("mode", "bits", BACKEND)]  # a mode names its backend
         left = runs.assign(_join=0)[on + list(RATIOS)]
         right = left[runs["mode"].to_numpy() == reference].drop_duplicates(on)
         merged = left.merge(right, on=on, how="left", suffixes=("", "@ref"))
