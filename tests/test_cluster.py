@@ -19,13 +19,15 @@ from falcon_exp.roofline import BANDWIDTH_FILE
 from falcon_exp.sweep import SWEEP_FILE
 
 pytestmark = pytest.mark.slow
+# A sweep's jobs submitted to the one-node cluster, a CPU and 2 GB each.
+ON_THE_CLUSTER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
+                  "hydra.launcher.mem_gb=2"]
 
 
 def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(tmp_path, pg_server, two_prompts, slurm,
                                                                                time_limited_sweep):  # its minute passes meanwhile
     store, _ = pg_server
-    launcher = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
-                "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
+    launcher = [*ON_THE_CLUSTER, "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
     job = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))]
     command = [sys.executable, "-m", "falcon_exp", "-m", *launcher, "bits=4,8", *job, "max_new_tokens=32", "repetitions=20", "warmup=0",
                f"prompts.file={two_prompts}", "tracking.experiment=slurm"]
@@ -70,8 +72,7 @@ def time_limited_sweep(tmp_path_factory, pg_server, slurm):
     cache lock, held here) until then: a job past its limit without a minute of the CPUs."""
     root = tmp_path_factory.mktemp("time-limit")
     store, _ = pg_server
-    command = [sys.executable, "-m", "falcon_exp", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
-               "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", f"hydra.launcher.submitit_folder={root}/submitit",
+    command = [sys.executable, "-m", "falcon_exp", "-m", *ON_THE_CLUSTER, f"hydra.launcher.submitit_folder={root}/submitit",
                "bits=16", *QUICK, "tracking.experiment=slurm-time-limit"]
     env = os.environ | slurm | {"MLFLOW_TRACKING_URI": store, "FALCON_EXP_CACHE": str(root / "cache")}
     (root / "cache").mkdir()
