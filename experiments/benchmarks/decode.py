@@ -4,10 +4,15 @@ Prints three tables for one model: (1) the harness's timed generate against a ba
 timed the same way (device synchronised, CUDA events on a GPU, perf_counter on the CPU),
 interleaved rounds; (2) the harness's figures against torch's profiler on the same generate;
 (3) eager against the fast path (static cache and CUDA graphs): ms/token, the fraction of the
-bandwidth floor, and whether the tokens are the same.
+bandwidth floor, and whether the tokens are the same; (4) the step's matmuls alone: every linear
+layer once at batch 1, their kernels replayed as one CUDA graph, against the bytes they read. A
+fast step is its matmuls plus the rest (attention, norms, embeddings, argmax), which is the same
+for every quantization mode; so bf16's fast step minus its matmuls says what a perfect quantized
+kernel would still pay per token, and which fraction of the floor is then within reach.
 
     python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
         [--weights packaged|synthetic] [--tokens 64] [--rounds 10] [--set dtype=float32 ...]
+        [--show overhead profiler floor matmuls] [--decoders eager fast]
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from falcon_exp import roofline
+from falcon_exp import quantization, roofline
 from falcon_exp.config import CONF_DIR
 from falcon_exp.decode import EagerDecoder, FastDecoder
 from falcon_exp.job import resolve
 from falcon_exp.measure import Clock, synchronize, timed_generate
 from falcon_exp.models import MODELS
+
+SECTIONS = ["overhead", "profiler", "floor", "matmuls"]
 
 
 def bare_generate(model, input_ids, tokens: int, device: str, pad: int) -> float:
@@ -97,48 +104,122 @@ def against_profiler(decoder, ids, tokens, device) -> None:
           f"({what}): harness/profiler {timing.generate_s * 1e3 / profiled_ms:.4f}")
 
 
+def matmuls_alone(model, device: str, rounds: int) -> tuple[float, int]:
+    """The ms one decode step spends in its linear layers alone (each once, at batch 1, in module
+    order, their kernels captured as one CUDA graph so no launch or Python cost is counted; on the
+    CPU, or where a layer cannot be captured, called plainly), and the bytes those layers hold."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    where = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype, device=where) for m in linears]
+
+    def step() -> None:
+        for module, x in zip(linears, inputs):
+            module(x)
+
+    how = "plain calls"
+    with torch.no_grad():
+        work = step
+        if device == "cuda":
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    step(), step()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                work, how = graph.replay, "one CUDA graph"
+            except Exception as error:  # noqa: BLE001 - a layer that syncs with the host cannot be captured
+                torch.cuda.synchronize()
+                how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
+        ms = roofline._median_seconds(device, where.index or 0, work) * 1e3 if device == "cuda" else \
+            statistics.median(_seconds(work) for _ in range(rounds)) * 1e3
+    held = sum(quantization.weights_bytes(m) for m in linears)
+    print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
+          f"{held / ms / 1e6:.0f} GB/s")
+    return ms, held
+
+
+def _seconds(work) -> float:
+    begin = time.perf_counter()
+    work()
+    return time.perf_counter() - begin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--weights", default=None, help="synthetic for Falcon without the hub")
     parser.add_argument("--bits", type=int, nargs="+", default=[16])
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help='one model per item, each its own overrides, e.g. "bits=16" "bits=4 quantization.backend=torchao" '
+                             "(instead of --bits)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. dtype=float32")
+    parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, e.g. dtype=float32")
+    parser.add_argument("--show", nargs="+", default=["overhead", "profiler", "floor"], choices=SECTIONS)
+    parser.add_argument("--decoders", nargs="+", default=["eager", "fast"], choices=["eager", "fast"])
     args = parser.parse_args()
-    for bits in args.bits:
-        overrides = [f"model={args.model}", f"bits={bits}", "max_length=null", f"max_new_tokens={args.tokens}",
-                     "quality.enabled=false", *args.set] + ([f"model.weights={args.weights}"] if args.weights else [])
+    rest_ms = None  # a fast step's time outside its matmuls: the first run that measures both sets it
+    for run in args.runs or [f"bits={bits}" for bits in args.bits]:
+        overrides = [f"model={args.model}", "max_length=null", f"max_new_tokens={args.tokens}", "quality.enabled=false",
+                     *run.split(), *args.set] + ([f"model.weights={args.weights}"] if args.weights else [])
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             job = resolve(compose("config", overrides=overrides))
         loaded, _ = MODELS.get(job)
         model, device, pad = loaded.model, job.device, job.prompts.pad_token_id
         ids = job.prompts.input_ids[0].to(next(model.parameters()).device)
         name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-        print(f"\n== {args.model} {job.config.mode} on {name}, prompt {ids.shape[1]} tokens, {args.tokens} new tokens ==")
-        print("(1) the harness's overhead")
-        overhead(model, ids, args.tokens, device, pad, args.rounds)
+        print(f"\n== {args.model} {job.config.mode} ({run}) on {name}, prompt {ids.shape[1]} tokens, {args.tokens} new tokens ==")
+        if "overhead" in args.show:
+            print("(1) the harness's overhead")
+            overhead(model, ids, args.tokens, device, pad, args.rounds)
         bandwidth = roofline.bandwidth(device)["read"]
         weights = roofline.weight_bytes_per_step(model)
-        decoders = {False: EagerDecoder(model, pad), True: FastDecoder(model, ids.shape[1] + args.tokens, job.config, device)}
-        print("(2) against torch's profiler")
-        for decoder in decoders.values():
-            against_profiler(decoder, ids, args.tokens, device)
-        print(f"(3) eager and fast against the floor (weights {weights / 1e9:.3f} GB per step, read bandwidth {bandwidth / 1e9:.0f} GB/s)")
+        kv = roofline.kv_bytes_per_token(model, ids) * (ids.shape[1] + args.tokens)  # the fast path's static cache
+        floor = roofline.floor_ms(weights + kv, bandwidth)
+        decoders = {}
+        if "eager" in args.decoders:
+            decoders[False] = EagerDecoder(model, pad)
+        if "fast" in args.decoders:
+            decoders[True] = FastDecoder(model, ids.shape[1] + args.tokens, job.config, device)
+        if "profiler" in args.show:
+            print("(2) against torch's profiler")
+            for decoder in decoders.values():
+                against_profiler(decoder, ids, args.tokens, device)
         results = {}
-        for fast, decoder in decoders.items():
-            timed_generate(decoder, ids, args.tokens, True, device)  # warm-up
-            runs = [timed_generate(decoder, ids, args.tokens, True, device) for _ in range(args.rounds)]
-            ms = statistics.median(t.decode_ms_per_token for t, _ in runs)
-            floor = roofline.floor_ms(weights + decoder.kv_bytes_per_step(ids.shape[1], args.tokens), bandwidth)
-            results[fast] = (ms, runs[0][1])
-            print(f"  {decoder.path:<19} {ms:8.2f} ms/token  floor {floor:.3f} ms  roofline_fraction {roofline.fraction(floor, ms):.3f}"
-                  + (f"  (fallback: {decoder.fallback})" if decoder.fallback else ""))
-        eager_tokens, fast_tokens = results[False][1], results[True][1]
-        same = sum(a == b for a, b in zip(eager_tokens, fast_tokens))
-        first = next((i for i, (a, b) in enumerate(zip(eager_tokens, fast_tokens)) if a != b), None)
-        print(f"  speed-up {results[False][0] / results[True][0]:.2f}x; tokens equal: {same}/{len(eager_tokens)}"
-              + (f" (first difference at token {first})" if first is not None else ""))
+        if "floor" in args.show:
+            print(f"(3) {' and '.join(args.decoders)} against the floor (weights {weights / 1e9:.3f} GB per step, "
+                  f"read bandwidth {bandwidth / 1e9:.0f} GB/s)")
+            for fast, decoder in decoders.items():
+                timed_generate(decoder, ids, args.tokens, True, device)  # warm-up
+                runs = [timed_generate(decoder, ids, args.tokens, True, device) for _ in range(args.rounds)]
+                ms = statistics.median(t.decode_ms_per_token for t, _ in runs)
+                step_floor = roofline.floor_ms(weights + decoder.kv_bytes_per_step(ids.shape[1], args.tokens), bandwidth)
+                results[fast] = (ms, runs[0][1])
+                print(f"  {decoder.path:<19} {ms:8.2f} ms/token  floor {step_floor:.3f} ms  roofline_fraction {roofline.fraction(step_floor, ms):.3f}"
+                      + (f"  (fallback: {decoder.fallback})" if decoder.fallback else ""))
+            if len(results) == 2:
+                eager_tokens, fast_tokens = results[False][1], results[True][1]
+                same = sum(a == b for a, b in zip(eager_tokens, fast_tokens))
+                first = next((i for i, (a, b) in enumerate(zip(eager_tokens, fast_tokens)) if a != b), None)
+                print(f"  speed-up {results[False][0] / results[True][0]:.2f}x; tokens equal: {same}/{len(eager_tokens)}"
+                      + (f" (first difference at token {first})" if first is not None else ""))
+        if "matmuls" in args.show:
+            print("(4) the step's matmuls alone")
+            matmul_ms, held = matmuls_alone(model, device, args.rounds)
+            fast_ms = results[True][0] if True in results and decoders[True].graph is not None else None
+            if fast_ms is not None and rest_ms is None:
+                rest_ms = fast_ms - matmul_ms
+                print(f"  the fast step's rest (attention, norms, embeddings, argmax): {fast_ms:.3f} - {matmul_ms:.3f} "
+                      f"= {rest_ms:.3f} ms per token")
+            if rest_ms is not None:
+                perfect = held / bandwidth * 1e3 + rest_ms
+                print(f"  matmuls + rest = {matmul_ms + rest_ms:.3f} ms per token" + (f" (fast path measured {fast_ms:.3f})" if fast_ms else "")
+                      + f"; with its matmuls at the read bandwidth {perfect:.3f} ms: at most {floor / perfect:.3f} of the floor "
+                      f"({floor:.3f} ms)")
         del decoders
         MODELS.clear()
 
