@@ -193,9 +193,10 @@ def synthetic_state_dict(config: PretrainedConfig, seed: int, dtype: torch.dtype
     """Random weights for every parameter: one random tensor per layer position, shared by all
     layers, or copied per layer when `distinct` (on the CPU, where loading would otherwise keep
     the shared storage and understate memory). Random weights never grow the activation outliers
-    of trained LLMs, so LLM.int8's outlier path would never run: `outliers` (dims, gain) plants
-    them where trained models show them, in the same few hidden dims of every layer's input, as
-    those dims' gain in every layer's norms (`outlier_dims` says which)."""
+    of trained LLMs (at most a few random columns of the widest layers' inputs pass LLM.int8's
+    threshold, in Falcon-40B): `outliers` (dims, gain) plants them where trained models show
+    them, in the same few hidden dims of every layer's input, as those dims' gain in every
+    layer's norms (`outlier_dims` says which)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

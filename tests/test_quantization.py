@@ -166,7 +166,7 @@ def test_the_checkpoints_own_settings_are_read_as_a_request():
 @pytest.mark.parametrize("planted", [0, 6])
 def test_planted_outliers_send_llm_int8_down_its_outlier_path_and_only_then(planted):
     """Random weights never grow trained LLMs' activation outliers, so LLM.int8's decomposition
-    never runs on them; `model.synthetic_outliers` plants them (in the norms' gains), and then
+    never runs on tiny-falcon's; `model.synthetic_outliers` plants them (in the norms' gains), and then
     the int8 layers fed by the norms split exactly those hidden dims off to their fp16 path."""
     from conftest import resolve_job
     from falcon_exp import schema

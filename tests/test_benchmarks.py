@@ -1,0 +1,47 @@
+"""The benchmark scripts whose printouts back committed GPU results, run on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_matmuls_alone_are_every_linear_layer_and_the_bytes_they_hold():
+    """The step's matmuls, timed alone, call every linear layer and count all it holds (nf4:
+    packed weights with their scales): the model's bytes less those of the norms and buffers."""
+    from conftest import resolve_job
+    from falcon_exp.models import load
+    from falcon_exp.quantization import weights_bytes
+
+    model = load(resolve_job("model=tiny-falcon", "bits=4")).model
+    calls = []
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for module in linears:
+        module.register_forward_hook(lambda m, i, o: calls.append(m))
+    ms, held = _script("decode").matmuls_alone(model, "cpu", rounds=1)
+    assert ms > 0 and set(map(id, calls)) == set(map(id, linears)) and len(calls) % len(linears) == 0
+    in_linears = {t.data_ptr() for m in linears for t in m.parameters()}  # tiny-falcon's head is its embedding
+    outside = sum(t.numel() * t.element_size() for m in model.modules() if not isinstance(m, torch.nn.Linear)
+                  for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t.data_ptr() not in in_linears)
+    assert held == weights_bytes(model) - outside
+
+
+@pytest.mark.parametrize("planted", [0, 6])
+def test_outlier_columns_are_the_planted_dims_in_the_layers_fed_by_the_norms(planted):
+    seen = _script("outlier_columns").columns_past("tiny-falcon", layers=2, outliers=planted, tokens=12, threshold=6.0)
+    fed_by_norms = [n for n in seen if n.endswith(("query_key_value", "dense_h_to_4h"))]
+    assert len(fed_by_norms) == 4
+    assert {n: seen[n][1] for n in fed_by_norms} == dict.fromkeys(fed_by_norms, planted)
+    assert all(columns == 0 for n, (_, columns, _) in seen.items() if n not in fed_by_norms)
