@@ -30,7 +30,7 @@ def test_the_matmuls_alone_are_every_linear_layer_and_the_bytes_they_hold():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for module in linears:
         module.register_forward_hook(lambda m, i, o: calls.append(m))
-    ms, held = _script("decode").matmuls_alone(model, "cpu", rounds=1)
+    ms, held = _script("decode").matmuls_alone(model, "cpu")
     assert ms > 0 and set(map(id, calls)) == set(map(id, linears)) and len(calls) % len(linears) == 0
     in_linears = {t.data_ptr() for m in linears for t in m.parameters()}  # tiny-falcon's head is its embedding
     outside = sum(t.numel() * t.element_size() for m in model.modules() if not isinstance(m, torch.nn.Linear)

@@ -104,7 +104,7 @@ def against_profiler(decoder, ids, tokens, device) -> None:
           f"({what}): harness/profiler {timing.generate_s * 1e3 / profiled_ms:.4f}")
 
 
-def matmuls_alone(model, device: str, rounds: int) -> tuple[float, int]:
+def matmuls_alone(model, device: str) -> tuple[float, int]:
     """The ms one decode step spends in its linear layers alone (each once, at batch 1, in module
     order, their kernels captured as one CUDA graph so no launch or Python cost is counted; on the
     CPU, or where a layer cannot be captured, called plainly), and the bytes those layers hold."""
@@ -134,18 +134,11 @@ def matmuls_alone(model, device: str, rounds: int) -> tuple[float, int]:
             except Exception as error:  # noqa: BLE001 - a layer that syncs with the host cannot be captured
                 torch.cuda.synchronize()
                 how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
-        ms = roofline._median_seconds(device, where.index or 0, work) * 1e3 if device == "cuda" else \
-            statistics.median(_seconds(work) for _ in range(rounds)) * 1e3
+        ms = roofline._median_seconds(device, where.index or 0, work) * 1e3
     held = sum(quantization.weights_bytes(m) for m in linears)
     print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
     return ms, held
-
-
-def _seconds(work) -> float:
-    begin = time.perf_counter()
-    work()
-    return time.perf_counter() - begin
 
 
 def main() -> None:
@@ -209,7 +202,7 @@ def main() -> None:
                       + (f" (first difference at token {first})" if first is not None else ""))
         if "matmuls" in args.show:
             print("(4) the step's matmuls alone")
-            matmul_ms, held = matmuls_alone(model, device, args.rounds)
+            matmul_ms, held = matmuls_alone(model, device)
             fast_ms = results[True][0] if True in results and decoders[True].graph is not None else None
             if fast_ms is not None and rest_ms is None:
                 rest_ms = fast_ms - matmul_ms
