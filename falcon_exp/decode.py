@@ -183,7 +183,7 @@ class FastDecoder:
         reasons = []
         for path, what, step in attempts:
             try:
-                self.graph, self.path = self._graph_of(step), path
+                self.graph, self.path = cuda_graph_of(step), path
                 return "; ".join(reasons) or None
             except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
                 torch.cuda.synchronize()
@@ -191,20 +191,6 @@ class FastDecoder:
             finally:
                 self.cache.reset()
         return "; ".join(reasons)
-
-    def _graph_of(self, step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (compilation, cuBLAS and the cache allocate there), then capture."""
-        with torch.no_grad(), graph_safe_falcon():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        return graph
 
     def _buffers_beside_weights(self) -> None:
         """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph
@@ -230,6 +216,22 @@ class FastDecoder:
                     self.graph.replay()
                 else:
                     self._step()
+
+
+def cuda_graph_of(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """`step` captured as a CUDA graph: warmed up on a side stream first (compilation, cuBLAS and
+    the cache allocate there)."""
+    with torch.no_grad(), graph_safe_falcon():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    return graph
 
 
 def decoder_for(model: PreTrainedModel, config: JobConfig, max_tokens: int, device: str, pad_token_id: int) -> Decoder:

@@ -215,8 +215,9 @@ def _quantization_scales(model: torch.nn.Module) -> Iterator[torch.Tensor]:
                 yield scb
 
 
-def _layer_findings(module: torch.nn.Module, config: JobConfig, device: str) -> dict[str, tuple]:
-    """What one linear layer holds against what was asked: {property: (asked, found)} where they differ."""
+def _layer_findings(module: torch.nn.Module, config: JobConfig, torchao_subclass: str | None) -> dict[str, tuple]:
+    """What one linear layer holds against what was asked: {property: (asked, found)} where they
+    differ. `torchao_subclass`: the weight's tensor subclass a torchao request makes on this device."""
     import bitsandbytes as bnb
 
     weight, bits, quant = module.weight, config.bits, config.quantization
@@ -225,7 +226,7 @@ def _layer_findings(module: torch.nn.Module, config: JobConfig, device: str) -> 
         asked = {"layer": "plain", "weight dtype": getattr(torch, config.dtype)}
         found = {"layer": "quantized" if quantized else "plain", "weight dtype": weight.dtype}
     elif quant.backend == "torchao":
-        asked, found = _torchao_findings(weight, config, device)
+        asked, found = _torchao_findings(weight, config, torchao_subclass)
     elif bits == 4:
         state = getattr(weight, "quant_state", None)
         shape = tuple(state.shape) if state is not None else tuple(weight.shape)
@@ -246,11 +247,10 @@ def _layer_findings(module: torch.nn.Module, config: JobConfig, device: str) -> 
     return {key: (asked[key], found[key]) for key in asked if asked[key] != found[key]}
 
 
-def _torchao_findings(weight: torch.Tensor, config: JobConfig, device: str) -> tuple[dict, dict]:
+def _torchao_findings(weight: torch.Tensor, config: JobConfig, subclass: str) -> tuple[dict, dict]:
     """torchao's weight against the request: its tensor subclass, the bytes of its data (int4: two
     weights a byte), the group a scale covers (int4: group_size; 8-bit: a row), whether
     activations are quantized too."""
-    _, subclass = _torchao_scheme(config, device)
     rows, columns = weight.shape
     subclass_found = is_traceable_wrapper_subclass(weight)
     data = getattr(weight, "qdata", None) if subclass_found else None
@@ -274,9 +274,10 @@ def verify(model: torch.nn.Module, config: JobConfig, device: str) -> Quantizati
     report = inspect(model)
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
+    torchao_subclass = _torchao_scheme(config, device)[1] if config.quantization.backend == "torchao" and config.bits != 16 else None
     mismatches: dict[str, list] = {}
     for _, module in layers:
-        for key, (asked, found) in _layer_findings(module, config, device).items():
+        for key, (asked, found) in _layer_findings(module, config, torchao_subclass).items():
             mismatches.setdefault(key, [asked, found, 0])[2] += 1
     if mismatches:
         (key, (asked, found, count)), *others = mismatches.items()

@@ -33,7 +33,7 @@ def _device_names(device: str) -> list[str]:
     return [f"cpu {platform.processor() or platform.machine()} threads={torch.get_num_threads()}"]
 
 
-def _median_seconds(device: str, index: int, work: Callable[[], object]) -> float:
+def median_seconds(device: str, index: int, work: Callable[[], object]) -> float:
     """The median time of `work` on one device over several rounds (the first two warm up)."""
     seconds = []
     for round_ in range(ROUNDS[device] + 2):
@@ -60,8 +60,8 @@ def _measure(device: str, index: int) -> dict[str, float]:
     target = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
     source = torch.ones(count // 4, dtype=torch.float32, device=target)
     destination = torch.empty_like(source)
-    read = count / _median_seconds(device, index, source.sum)
-    copy = 2 * count / _median_seconds(device, index, lambda: destination.copy_(source))
+    read = count / median_seconds(device, index, source.sum)
+    copy = 2 * count / median_seconds(device, index, lambda: destination.copy_(source))
     return {"read": read, "copy": copy}
 
 

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from falcon_exp import quantization, roofline
 from falcon_exp.config import CONF_DIR
-from falcon_exp.decode import EagerDecoder, FastDecoder
+from falcon_exp.decode import EagerDecoder, FastDecoder, cuda_graph_of
 from falcon_exp.job import resolve
 from falcon_exp.measure import Clock, synchronize, timed_generate
 from falcon_exp.models import MODELS
@@ -117,24 +117,15 @@ def matmuls_alone(model, device: str) -> tuple[float, int]:
         for module, x in zip(linears, inputs):
             module(x)
 
-    how = "plain calls"
+    work, how = step, "plain calls"
+    if device == "cuda":
+        try:
+            work, how = cuda_graph_of(step).replay, "one CUDA graph"
+        except Exception as error:  # noqa: BLE001 - a layer that syncs with the host cannot be captured
+            torch.cuda.synchronize()
+            how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
     with torch.no_grad():
-        work = step
-        if device == "cuda":
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    step(), step()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                work, how = graph.replay, "one CUDA graph"
-            except Exception as error:  # noqa: BLE001 - a layer that syncs with the host cannot be captured
-                torch.cuda.synchronize()
-                how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
-        ms = roofline._median_seconds(device, where.index or 0, work) * 1e3
+        ms = roofline.median_seconds(device, where.index or 0, work) * 1e3
     held = sum(quantization.weights_bytes(m) for m in linears)
     print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
@@ -171,8 +162,6 @@ def main() -> None:
             overhead(model, ids, args.tokens, device, pad, args.rounds)
         bandwidth = roofline.bandwidth(device)["read"]
         weights = roofline.weight_bytes_per_step(model)
-        kv = roofline.kv_bytes_per_token(model, ids) * (ids.shape[1] + args.tokens)  # the fast path's static cache
-        floor = roofline.floor_ms(weights + kv, bandwidth)
         decoders = {}
         if "eager" in args.decoders:
             decoders[False] = EagerDecoder(model, pad)
@@ -190,9 +179,9 @@ def main() -> None:
                 timed_generate(decoder, ids, args.tokens, True, device)  # warm-up
                 runs = [timed_generate(decoder, ids, args.tokens, True, device) for _ in range(args.rounds)]
                 ms = statistics.median(t.decode_ms_per_token for t, _ in runs)
-                step_floor = roofline.floor_ms(weights + decoder.kv_bytes_per_step(ids.shape[1], args.tokens), bandwidth)
+                floor = roofline.floor_ms(weights + decoder.kv_bytes_per_step(ids.shape[1], args.tokens), bandwidth)
                 results[fast] = (ms, runs[0][1])
-                print(f"  {decoder.path:<19} {ms:8.2f} ms/token  floor {step_floor:.3f} ms  roofline_fraction {roofline.fraction(step_floor, ms):.3f}"
+                print(f"  {decoder.path:<19} {ms:8.2f} ms/token  floor {floor:.3f} ms  roofline_fraction {roofline.fraction(floor, ms):.3f}"
                       + (f"  (fallback: {decoder.fallback})" if decoder.fallback else ""))
             if len(results) == 2:
                 eager_tokens, fast_tokens = results[False][1], results[True][1]
@@ -209,6 +198,8 @@ def main() -> None:
                 print(f"  the fast step's rest (attention, norms, embeddings, argmax): {fast_ms:.3f} - {matmul_ms:.3f} "
                       f"= {rest_ms:.3f} ms per token")
             if rest_ms is not None:
+                kv = roofline.kv_bytes_per_token(model, ids) * (ids.shape[1] + args.tokens)  # the fast path's static cache
+                floor = roofline.floor_ms(weights + kv, bandwidth)
                 perfect = held / bandwidth * 1e3 + rest_ms
                 print(f"  matmuls + rest = {matmul_ms + rest_ms:.3f} ms per token" + (f" (fast path measured {fast_ms:.3f})" if fast_ms else "")
                       + f"; with its matmuls at the read bandwidth {perfect:.3f} ms: at most {floor / perfect:.3f} of the floor "

@@ -11,18 +11,17 @@ per linear layer the largest input magnitude and how many input columns exceed t
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from falcon_exp.weights import ARCHITECTURES_DIR, synthetic_state_dict
+from falcon_exp.weights import ARCHITECTURES_DIR, architecture_config, synthetic_state_dict
 
 
 def columns_past(architecture: str, layers: int, outliers: int, tokens: int, threshold: float) -> dict[str, tuple[float, int, int]]:
     """Per linear layer: the largest input magnitude, the input columns past the threshold, the width."""
-    raw = json.loads((ARCHITECTURES_DIR / f"{architecture}.json").read_text()) | {"num_hidden_layers": layers}
-    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config = architecture_config(architecture)
+    config.num_hidden_layers = layers
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     planted = (outliers, 20.0) if outliers else None
     model.load_state_dict(synthetic_state_dict(config, 0, torch.bfloat16, distinct=False, outliers=planted), strict=False)
