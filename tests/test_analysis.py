@@ -52,6 +52,9 @@ def test_two_runs_in_two_folders_write_identical_figures_and_tables(tmp_path, sw
     assert "| nf4 |" in table and "| int8 |" in table and "| bf16 |" in table
     assert "KL vs ref" in table and "ppl zh" in table
     assert "spread between repetitions" in table  # the table says what its ± is over
+    results = pd.read_csv(tmp_path / "a" / "figures" / "results.csv")
+    assert set(zip(results["mode"], results["backend"])) == {("nf4", "bitsandbytes"), ("int8", "bitsandbytes"), ("bf16", "none")}
+    assert "backend" not in table.splitlines()[0]  # one backend and the baseline: nothing to tell apart
 
 
 def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store, monkeypatch, capsys):

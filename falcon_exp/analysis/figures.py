@@ -51,6 +51,11 @@ def _modes(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 99), m))
 
 
+def _backend_marker(keys: list[str]) -> str | None:
+    """A marker per backend where the runs span backends (`varying` chose the key), else none."""
+    return BACKEND if BACKEND in keys else None
+
+
 def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     """A configuration's name in legends: its mode and the other keys the sweep varied."""
     others = [k for k in keys if k not in ("mode", "bits", BACKEND)]  # the mode names its backend
@@ -80,7 +85,7 @@ def tradeoff(runs: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]
     decode = schema.DECODE_MS_PER_TOKEN
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = _figure(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x="peak", y=decode, hue="mode", hue_order=_modes(runs), style=BACKEND, s=70, ax=axis)
+    sns.scatterplot(data=runs, x="peak", y=decode, hue="mode", hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
     axis.errorbar(runs["peak"], runs[decode], yerr=column(runs, decode + schema.REP_STD).fillna(0),
                   fmt="none", ecolor="grey", elinewidth=1, capsize=3)
     for _, row in runs.iterrows():
@@ -120,7 +125,7 @@ def time_vs_max_length(runs: pd.DataFrame, samples: pd.DataFrame, directory: Pat
 def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, directory: Path) -> list[Path]:
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = _figure(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue="mode", hue_order=_modes(runs), style=BACKEND, s=70, ax=axis)
+    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue="mode", hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
     for _, row in runs.iterrows():
         axis.annotate(row["config"], (row[schema.WEIGHTS_GB], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel("weights GB")

@@ -117,11 +117,14 @@ SCHEME_OF_EARLIER_MODE = {"nf4": "nf4", "fp4": "fp4", "int8": "llm.int8"}
 
 
 def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
+    """Backend and scheme for every run; the unquantized baseline (scheme none) has no backend,
+    whatever `quantization.backend` its config held."""
     if runs.empty:
         return runs
     unlogged = pd.Series(None, index=runs.index, dtype=object)
-    return runs.assign(**{BACKEND: runs.get(BACKEND, unlogged).fillna("bitsandbytes"),
-                          SCHEME: runs.get(SCHEME, unlogged).fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))})
+    scheme = runs.get(SCHEME, unlogged).fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))
+    backend = runs.get(BACKEND, unlogged).fillna("bitsandbytes").where(scheme != "none", "none")
+    return runs.assign(**{BACKEND: backend, SCHEME: scheme})
 
 
 def _tidy(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

@@ -59,9 +59,14 @@ def varying(runs: pd.DataFrame) -> list[str]:
     for key in KEYS:
         if key in chosen or key not in runs:
             continue
-        if text.groupby(chosen)[key].nunique().max() > 1 or (key == BACKEND and text[key].nunique() > 1):
+        if text.groupby(chosen)[key].nunique().max() > 1 or (key == BACKEND and spans_backends(runs)):
             chosen.append(key)  # the backend, fixed by the mode, is shown wherever the runs span backends
     return chosen
+
+
+def spans_backends(runs: pd.DataFrame) -> bool:
+    """Whether the quantized runs come from more than one backend (the baseline has none)."""
+    return runs.loc[runs[BACKEND] != "none", BACKEND].nunique() > 1
 
 
 def ordered(runs: pd.DataFrame) -> pd.DataFrame:
