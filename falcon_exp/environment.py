@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import socket
@@ -13,6 +14,8 @@ from falcon_exp import schema
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "hydra-core", "mlflow", "falcon-exp")
+PROVIDED_BY = {"mlflow": ("mlflow", "mlflow-skinny")}  # MLflow's slimmer build installs the same `mlflow` modules
+IMPORTED_AS = {"hydra-core": "hydra", "falcon-exp": "falcon_exp"}
 # falcon-exp patches these libraries' internals (Falcon's linear class and head split, bitsandbytes'
 # CPU kernels and log lines): the versions it was tested with, as pinned in constraints.txt.
 TESTED = {"transformers": ("5.24.0",), "bitsandbytes": ("0.50.2",)}
@@ -27,10 +30,16 @@ def _git(*args: str) -> str | None:
 
 
 def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
+    """The installed version; `3.17.2 (mlflow-skinny)` where another distribution provides the
+    package's modules; `source tree` where they import with no distribution installed (a checkout
+    on PYTHONPATH, as on a lent GPU); `absent` where they do not import."""
+    for distribution in PROVIDED_BY.get(package, (package,)):
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        return version if distribution == package else f"{version} ({distribution})"
+    return "source tree" if importlib.util.find_spec(IMPORTED_AS.get(package, package)) else "absent"
 
 
 def untested_versions() -> list[str]:

@@ -54,3 +54,21 @@ def test_the_tested_versions_are_the_constraints_files():
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
     for package, tested in TESTED.items():
         assert pins[package] in tested, package
+
+
+def test_a_version_tag_names_what_provides_the_package(tmp_path):
+    """MLflow's slimmer build (mlflow-skinny) and a checkout on PYTHONPATH (as on a lent GPU) are
+    not absent. Run without site-packages, so only the distributions made here are installed."""
+    import shutil
+    import sys
+
+    shutil.copytree(REPO / "falcon_exp", tmp_path / "falcon_exp")  # the package without its install's metadata
+    (tmp_path / "mlflow").mkdir()
+    (tmp_path / "mlflow" / "__init__.py").write_text("")
+    (tmp_path / "mlflow_skinny-9.9.9.dist-info").mkdir()
+    (tmp_path / "mlflow_skinny-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: mlflow-skinny\nVersion: 9.9.9\n")
+    code = "from falcon_exp.environment import _version; print([_version(p) for p in ('mlflow', 'falcon-exp', 'torch')])"
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip() == "['9.9.9 (mlflow-skinny)', 'source tree', 'absent']"
+    assert describe("cpu")["version.mlflow"][0].isdigit()  # here: the full mlflow, installed
