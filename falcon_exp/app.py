@@ -7,6 +7,7 @@ job that fails at run time is logged as FAILED; inside a sweep the sweep goes on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -14,13 +15,13 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from falcon_exp import environment, runner, schema, tracking
-from falcon_exp.config import FalconExpError, override_key
+from falcon_exp import environment, runner, schema, store, tracking
+from falcon_exp.config import FalconExpError
 from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet_third_party, stop_on_signals, stopped_by
 from falcon_exp.job import Job, resolve
 from falcon_exp.models import MODELS
 from falcon_exp.records import SweepNeeds
-from falcon_exp.sweep import Sweep, opened_here, record_outcome
+from falcon_exp.sweep import Sweep, job_label, opened_here, record_outcome
 
 
 def job_name(job: Job, sweep: Sweep | None) -> str:
@@ -30,9 +31,7 @@ def job_name(job: Job, sweep: Sweep | None) -> str:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job
         overrides = []
-    if sweep is not None and sweep.varying:
-        overrides = [o for o in overrides if override_key(o) in sweep.varying]
-    return ",".join(overrides) or f"{job.config.model.name},{job.config.mode}"
+    return job_label(overrides, sweep.varying if sweep else ()) or f"{job.config.model.name},{job.config.mode}"
 
 
 def _in_sweep() -> Path | None:
@@ -67,6 +66,14 @@ def _tags(job: Job) -> dict[str, str]:
     if job.weights.kind == "synthetic":
         tags[schema.TAG_TEXT] = "meaningless: synthetic (random) weights; memory and time are real"
     return tags
+
+
+def _config_as_run(cfg: DictConfig, job: Job) -> str:
+    """The resolved config as YAML, with the bits and quantization settings that ran: a
+    checkpoint's own where quantization.from_checkpoint took them, not the defaults beside them."""
+    ran = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    ran.bits, ran.quantization = job.config.bits, dataclasses.asdict(job.config.quantization)
+    return OmegaConf.to_yaml(ran)
 
 
 def run_job(cfg: DictConfig) -> str:
@@ -111,17 +118,22 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
     sweep = Sweep.of(sweep_dir) if sweep_dir else None
     name = outcome.name = job_name(job, sweep)
     try:
-        tracking.check_store()
+        store.check()
     except FalconExpError as error:
         if sweep_dir is None:
             fail(error, EXIT_BAD_INPUT)
         log.error(f"job {name} FAILED: {error}")  # the sweep goes on: the store may come back for the next job
         return outcome.ended("FAILED", str(error))
+    if sweep and (earlier := sweep.repeats.get(str(outcome.job_num))):
+        log.info(f"skipping {name}: it measures what job {earlier} measures (they differ only in settings that do not apply "
+                 f"to {job.config.mode})")
+        return outcome.ended("SKIPPED")
     if job.config.resume:
         for closed in tracking.close_orphans(job):
             log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
         if done := tracking.finished_run(job):
             log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
+            outcome.run_id = done  # it stands for this configuration in the sweep's analysis
             return outcome.ended("SKIPPED")
     tags = _tags(job)
     try:
@@ -131,7 +143,7 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
         hydra_dir = None
     parent = sweep.parent_run_id if sweep else None
     try:
-        with tracking.job_run(job, name, tags, OmegaConf.to_yaml(cfg, resolve=True), parent, hydra_dir) as run_id:
+        with tracking.job_run(job, name, tags, _config_as_run(cfg, job), parent, hydra_dir) as run_id:
             outcome.run_id = run_id
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
             tracking.log_result(run_id, job, result)
@@ -144,5 +156,5 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
     for sample in result.samples:
         if sample.repetition == 0:
             print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
-    log.info(f"run {name} FINISHED in {tracking.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
+    log.info(f"run {name} FINISHED in {store.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
     return outcome.ended("FINISHED")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,6 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
-PRESET_GROUP = "preset"
-OLD_PRESET_GROUP = "experiment"  # its name until 0.2 (it clashed with the MLflow experiment); read until 0.3
 
 
 class FalconExpError(Exception):
@@ -69,83 +68,14 @@ def group_choices(group: str, config_dirs: tuple[Path, ...] = ()) -> list[str]:
     return sorted({p.stem for root in (CONF_DIR, *config_dirs) for p in (root / group).glob("*.y*ml")})
 
 
-def override_key(argument: str) -> str:
-    """`+quantization.quant_type=nf4` -> `quantization.quant_type`."""
-    return argument.lstrip("+~").partition("=")[0]
-
-
-def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
-    """Config folders a user adds with Hydra's usual means: `--config-dir DIR` (`-cd DIR`) and
-    `hydra.searchpath=[file://DIR, pkg://PACKAGE/PATH]`."""
-    dirs: list[Path] = []
-    for i, argument in enumerate(arguments):
-        if argument in ("--config-dir", "-cd") and i + 1 < len(arguments):
-            dirs.append(Path(arguments[i + 1]))
-        elif argument.startswith("--config-dir="):
-            dirs.append(Path(argument.partition("=")[2]))
-        elif override_key(argument) == "hydra.searchpath":
-            for entry in argument.partition("=")[2].strip("[]").split(","):
-                entry = entry.strip().strip("'\"")
-                if entry.startswith("pkg://"):
-                    from importlib.resources import files
-
-                    package, _, sub = entry.removeprefix("pkg://").partition("/")
-                    dirs.append(Path(str(files(package))) / sub)
-                elif entry:
-                    dirs.append(Path(entry.removeprefix("file://")))
-    return tuple(dirs)
-
-
-def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
-    """`experiment=article` is `preset=article` now: the arguments with the old group renamed,
-    and a notice for each renamed one."""
-    renamed, notices = [], []
-    for argument in arguments:
-        key = override_key(argument)
-        if key == OLD_PRESET_GROUP and "=" in argument:
-            argument = argument.replace(OLD_PRESET_GROUP, PRESET_GROUP, 1)
-            notices.append(f"`{OLD_PRESET_GROUP}=` is now `{PRESET_GROUP}=` (the MLflow experiment is tracking.experiment); "
-                           f"the old name is read until falcon-exp 0.3")
-        renamed.append(argument)
-    return renamed, notices
-
-
-def check_group_overrides(arguments: list[str]) -> None:
-    """`model=nope` on the command line: one line naming the choices, before Hydra composes
-    (whose own message spans a screen)."""
-    config_dirs = user_config_dirs(arguments)
-    for argument in arguments:
-        key, value = override_key(argument), argument.partition("=")[2]
-        if key not in ("model", "prompts", PRESET_GROUP) or not value:
-            continue
-        allowed = group_choices(key, config_dirs)
-        for choice in value.split(","):
-            if choice not in allowed and choice != "null":
-                raise ConfigError(f"{key}={choice!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
-# Keys that decide which weights load; a sweep varies them slowest so that each model loads once.
-LOAD_SHAPING = ("model", PRESET_GROUP, "bits", "quantization", "dtype", "device", "max_memory", "seed")
-
-
-def load_order(arguments: list[str]) -> list[str]:
-    """Command-line overrides with the load-shaping ones first (otherwise in the order given).
-
-    Hydra's sweeper varies the first override slowest, so `-m max_length=40,48 bits=4,8` would
-    reload the model for every job; after this, jobs that share weights run back to back and
-    the process's model cache (models.MODELS) loads each model once. Reordering overrides of
-    different keys changes no job's configuration."""
-
-    slots = [i for i, a in enumerate(arguments) if "=" in a and not a.startswith("-")]  # flags stay put
-    overrides = sorted((arguments[i] for i in slots), key=lambda a: override_key(a).split(".")[0] not in LOAD_SHAPING)
-    ordered = list(arguments)
-    for slot, override in zip(slots, overrides):
-        ordered[slot] = override
-    return ordered
-
-
 def available_architectures() -> list[str]:
     return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
+
+
+def _group_path(model: str) -> str | None:
+    """The model.path a packaged model group gives (Falcon's hub id), if the model is one."""
+    group = CONF_DIR / "model" / f"{model}.yaml"
+    return (yaml.safe_load(group.read_text()) or {}).get("path") if group.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -169,6 +99,9 @@ class ModelConfig:
             raise ConfigError(f"model.outlier_gain={self.outlier_gain!r} is not allowed; it must be a number > 1")
         if self.weights == "synthetic":
             _one_of("model.architecture", self.architecture, tuple(available_architectures()))
+            if self.path and self.path != _group_path(self.name):  # a packaged group names the hub id its architecture is of
+                raise ConfigError(f"model.path={self.path!r} is not read by synthetic weights (model={self.name}, random values of "
+                                  f"model.architecture={self.architecture}); drop model.path, or give model.weights=hub to load it")
         if self.weights == "hub" and not self.path:
             raise ConfigError(f"model.weights=hub needs model.path (a hub id or a local directory); model={self.name}")
 
@@ -203,6 +136,11 @@ class PromptsConfig:
 def _check_prompt(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}={value!r} is not a prompt; each prompt must be a non-empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate, which JSON's \ud800 escapes can make
+        raise ConfigError(f"{where} is not valid Unicode text: {value[error.start]!r} at character {error.start} is half of a "
+                          "surrogate pair; write the character itself or its full pair") from None
     return value
 
 
@@ -214,22 +152,30 @@ def read_prompts_file(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"prompts.file={str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            items = [row.get("prompt") if isinstance(row, dict) else None for row in rows]
-        elif path.suffix in (".yaml", ".yml"):
+    if path.suffix == ".jsonl":
+        items = [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif path.suffix in (".yaml", ".yml"):
+        try:
             data = yaml.safe_load(text)
-            items = data.get("prompts") if isinstance(data, dict) else data
-        else:
-            raise ConfigError(f"prompts.file={str(path)!r} has an unknown suffix; allowed: .yaml, .yml, .jsonl")
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"prompts.file={str(path)!r} is malformed: {str(error).splitlines()[0]}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"prompts.file={str(path)!r} is malformed: {str(error).splitlines()[0]}") from None
+        items = data.get("prompts") if isinstance(data, dict) else data
+    else:
+        raise ConfigError(f"prompts.file={str(path)!r} has an unknown suffix; allowed: .yaml, .yml, .jsonl")
     if not isinstance(items, list) or not items:
         raise ConfigError(
             f"prompts.file={str(path)!r} holds no prompts; write a YAML list of strings or JSON lines with a \"prompt\" field"
         )
     return [_check_prompt(p, f"prompts.file={str(path)!r} entry {i}") for i, p in enumerate(items)]
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    """A JSON-lines file's prompt, or None where the line holds no "prompt" field."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"prompts.file={str(path)!r} is malformed: line {number}: {error.msg} (column {error.colno})") from None
+    return row.get("prompt") if isinstance(row, dict) else None
 
 
 @dataclass(frozen=True)
@@ -288,6 +234,25 @@ class TrackingConfig:
             raise ConfigError(f"tracking.experiment={self.experiment!r} is not allowed; give a non-empty name")
 
 
+MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
+
+
+def _memory_caps(caps: Any) -> None:
+    """max_memory as accelerate takes it: null, or a mapping of devices (a GPU index, cpu, disk)
+    to sizes (bytes, or a number with KB/MB/GB/TB or KiB/MiB/GiB/TiB)."""
+    if caps is None:
+        return
+    allowed = "null, or a mapping of devices (a GPU index, cpu, disk) to sizes such as 70GiB, e.g. {0: 70GiB, cpu: 100GiB}"
+    if not isinstance(caps, dict) or not caps:
+        raise ConfigError(f"max_memory={caps!r} is not allowed; give {allowed}")
+    for device, size in caps.items():
+        device_ok = (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or device in ("cpu", "disk")
+        size_ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+            isinstance(size, str) and MEMORY_SIZE.fullmatch(size.strip()) is not None)
+        if not device_ok or not size_ok:
+            raise ConfigError(f"max_memory={caps!r} is not allowed: {device!r}: {size!r}; give {allowed}")
+
+
 def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
     """The quantization settings that apply at these bits and backend, by their config key (bits
     first): int8 ignores the 4-bit ones and the other way round, the unquantized baseline all."""
@@ -341,7 +306,7 @@ class JobConfig:
     flat: dict = field(compare=False)  # the params: dotted keys, as resolved
 
     def __post_init__(self) -> None:
-        _one_of("bits", self.bits, BITS)
+        _one_of("bits", self.bits if isinstance(self.bits, int) and not isinstance(self.bits, bool) else str(self.bits), BITS)
         _integer("max_length", self.max_length, minimum=2, optional=True)
         _integer("max_new_tokens", self.max_new_tokens, optional=True)
         if (self.max_length is None) == (self.max_new_tokens is None):
@@ -355,6 +320,7 @@ class JobConfig:
         _integer("seed", self.seed, minimum=0)
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
+        _memory_caps(self.max_memory)
         _boolean("resume", self.resume)
 
     @classmethod

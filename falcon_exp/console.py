@@ -8,7 +8,10 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, NoReturn
+
+from falcon_exp.store import redact
 
 log = logging.getLogger("falcon_exp")
 
@@ -16,9 +19,14 @@ EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
 
 
+def say_error(error: BaseException | str) -> None:
+    """The one line an error is shown as: no traceback, no secret of the store's address."""
+    print(redact(f"falcon-exp: error: {error}"), file=sys.stderr, flush=True)
+
+
 def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """One line on stderr and the exit code; no traceback (the error is the user's to fix)."""
-    print(f"falcon-exp: error: {error}", file=sys.stderr, flush=True)
+    say_error(error)
     sys.exit(code)
 
 
@@ -86,6 +94,29 @@ class ConsoleFormatter(logging.Formatter):
         return f"{record.name}: {record.levelname}: {message}"
 
 
+class _Redacted(logging.Filter):
+    """No secret of the store's address in a line that reaches the terminal or a log, whoever
+    logs it (MLflow and SQLAlchemy print addresses and tracebacks with them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if (shown := redact(message)) != message:
+            record.msg, record.args = shown, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+        return True
+
+
+def guard_log_handlers() -> None:
+    """Put the redacting filter on every handler that prints: the root logger's (Hydra's console
+    and log file) and those of loggers that keep their own (MLflow's)."""
+    loggers = [logging.getLogger(), *(each for each in logging.Logger.manager.loggerDict.values() if isinstance(each, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _Redacted) for f in handler.filters):
+                handler.addFilter(_Redacted())
+
+
 class _Once(logging.Filter):
     """Each distinct message once per process: bitsandbytes logs that int8 inputs are cast to
     float16 at every matmul, tens of thousands of lines per job."""
@@ -114,6 +145,14 @@ class _KernelsHint(logging.Filter):
         return True
 
 
+class _Reported(logging.Filter):
+    """MLflow logs a store's database error with its traceback before raising it; falcon-exp
+    reports the error it raises, in one line (a full disk: `database or disk is full`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SQLAlchemy database error" not in record.getMessage()
+
+
 class _Expected(logging.Filter):
     """Warnings that say nothing about a run: torchao's import (transformers imports it wherever it
     is installed) tries its CUDA kernel libraries and Triton even where torch has no CUDA, and uses
@@ -130,15 +169,17 @@ _INSTALLED: list[tuple[logging.Logger, logging.Filter]] = []
 
 
 def quiet_third_party() -> None:
-    """Install the filters above (once per process) and turn off transformers' progress bars,
-    whose lines would fill a job's log (the load time is logged as time/load_s)."""
+    """Install the filters above (once per process), before the libraries are imported so that
+    their import-time warnings meet them too; once transformers is imported, turn off its progress
+    bars, whose lines would fill a job's log (the load time is logged as time/load_s)."""
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
     if _INSTALLED:
         return
+    logging.raiseExceptions = False  # a line the log file cannot take (a full disk) is not a traceback on the terminal
     for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint),
-                       ("torchao", _Expected), ("torchao.kernel.intmm", _Expected), ("torch.utils._pytree", _Expected)):
+                       ("torchao", _Expected), ("torchao.kernel.intmm", _Expected), ("torch.utils._pytree", _Expected),
+                       ("mlflow.store.db.utils", _Reported)):
         logger, installed = logging.getLogger(name), kind()
         logger.addFilter(installed)
         _INSTALLED.append((logger, installed))
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from falcon_exp.cache import content_hash
-from falcon_exp.config import TORCHAO_ONLY, ConfigError, JobConfig, knobs
+from falcon_exp.config import GROUP_SIZES, TORCHAO_ONLY, ConfigError, JobConfig, knobs
 from falcon_exp.quantization import differences, request_of_checkpoint
-from falcon_exp.weights import Weights
+from falcon_exp.weights import Weights, quantized_input_widths
 from falcon_exp.weights import resolve as resolve_weights
 
 
@@ -44,8 +45,20 @@ class Job:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
         skipped = {"resume"} | (set(TORCHAO_ONLY) if self.config.quantization.backend == "bitsandbytes" else set())
-        content = {k: v for k, v in self.config.flat.items() if k not in skipped} | {"prompts.items": list(self.config.prompts.items)}
-        return content_hash(content)
+        return self._hash(lambda key: key not in skipped)
+
+    @property
+    def measured(self) -> str:
+        """A hash of what the job measures: its identity without the quantization settings that
+        do not apply at its bits and backend. Two jobs of a sweep with the same hash repeat each
+        other (bits=16 in a sweep over backends)."""
+        applying = self.config.knobs()
+        return self._hash(lambda key: key != "resume" and (not key.startswith("quantization.") or key in applying))
+
+    def _hash(self, kept: Callable[[str], bool]) -> str:
+        """A hash of the params `kept` keeps, and the prompts' text."""
+        content = {k: v for k, v in self.config.flat.items() if kept(k)}
+        return content_hash(content | {"prompts.items": list(self.config.prompts.items)})
 
     @property
     def model_key(self) -> str:
@@ -67,18 +80,26 @@ def resolve(cfg: Any) -> Job:
     weights = resolve_weights(config.model, config.seed)
     config = _checkpoint_quantization(config, weights)
     device = resolve_device(config.device)
-    _check_backend(config, device)
+    _check_backend(config, device, weights)
     return Job(config, device, device_identity(device), weights, _prompts(config, weights))
 
 
-def _check_backend(config: JobConfig, device: str) -> None:
-    """The backend is installed and its scheme runs on this device, said before any model loads."""
+def _check_backend(config: JobConfig, device: str, weights: Weights) -> None:
+    """The backend is installed, its scheme runs on this device, and its group divides every
+    layer it quantizes, said before any model loads."""
     if config.quantization.backend != "torchao" or config.bits == 16:
         return
     try:
         import torchao  # noqa: F401
     except ImportError:
         raise ConfigError('quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp[torchao]"') from None
+    group = config.quantization.group_size
+    widths = quantized_input_widths(weights) if config.bits == 4 else set()
+    if undivided := sorted(w for w in widths if w % group):
+        fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        raise ConfigError(f"quantization.group_size={group} does not divide {config.model.name}'s layer input width "
+                          f"{', '.join(map(str, undivided))} (torchao would leave those layers unquantized); "
+                          f"allowed here: {', '.join(map(str, fitting)) or 'none'}")
     if config.bits == 8 and config.quantization.torchao_8bit == "float8_dynamic":
         capability = torch.cuda.get_device_capability() if device == "cuda" else None
         if capability is None or capability < (8, 9):
@@ -100,7 +121,10 @@ def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:
     bits, found = request_of_checkpoint(weights.quantization_config, source, config.quantization)
     if config.quantization.from_checkpoint:
         return config.with_quantization(bits, found)
-    if differs := differences(config.knobs(), knobs(bits, found)):
+    differs = differences(config.knobs(), knobs(bits, found))
+    if config.bits != 16 and config.quantization.backend != found.backend:  # other backends share no setting: name the backend alone
+        differs = [f"quantization.backend asked {config.quantization.backend}, found {found.backend}"]
+    if differs:
         raise ConfigError(
             f"{source} carries its own quantization_config, which transformers loads instead of the request: "
             f"{'; '.join(differs)}; ask for what it holds, or set quantization.from_checkpoint=true"
@@ -148,6 +172,10 @@ def _prompts(config: JobConfig, weights: Weights) -> Prompts:
     lengths = [ids.shape[1] for ids in input_ids]
     new_tokens = tuple(config.new_tokens(n) for n in lengths)
     longest = max(lengths)
+    if weights.context and longest >= weights.context:
+        index = lengths.index(longest)
+        raise ConfigError(f"prompt {index + 1} of prompts={config.prompts.name} is {longest} tokens, as long as {config.model.name}'s "
+                          f"context of {weights.context} tokens or longer, leaving no room to generate; shorten it")
     if min(new_tokens) < 1:
         raise ConfigError(
             f"max_length={config.max_length} leaves no room to generate: the longest prompt of "

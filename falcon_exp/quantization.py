@@ -104,10 +104,10 @@ def request_of_checkpoint(raw: dict, source: str, asked: QuantizationConfig) -> 
         if storage != "uint8":
             raise ConfigError(f"{source} stores its 4-bit weights as {storage}; falcon-exp measures uint8 storage only")
         compute = str(raw.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
-        return 4, dataclasses.replace(asked, quant_type=raw.get("bnb_4bit_quant_type", "fp4"), compute_dtype=compute,
-                                      double_quant=bool(raw.get("bnb_4bit_use_double_quant")))
+        return 4, dataclasses.replace(asked, backend="bitsandbytes", quant_type=raw.get("bnb_4bit_quant_type", "fp4"),
+                                      compute_dtype=compute, double_quant=bool(raw.get("bnb_4bit_use_double_quant")))
     if raw.get("load_in_8bit") or raw.get("_load_in_8bit"):
-        return 8, dataclasses.replace(asked, int8_threshold=float(raw.get("llm_int8_threshold", 6.0)))
+        return 8, dataclasses.replace(asked, backend="bitsandbytes", int8_threshold=float(raw.get("llm_int8_threshold", 6.0)))
     raise ConfigError(f"{source} has a bitsandbytes quantization_config in neither 4 nor 8 bits")
 
 

@@ -146,6 +146,10 @@ TAG_BNB_KERNEL = "falcon_exp.bnb_cpu_kernel"
 TAG_UNMEASURED = "falcon_exp.unmeasured"
 TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
 TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
+# On a sweep's parent run: the ids of earlier runs that stand for the jobs resume=true skipped,
+# space-separated, 200 a tag (then in falcon_exp.reused_runs.1, .2, ...).
+TAG_REUSED_RUNS = "falcon_exp.reused_runs"
+REUSED_RUNS_PER_TAG = 200
 TAG_CONFIG_HASH = "falcon_exp.config_hash"
 TAG_ERROR = "falcon_exp.error"
 TAG_PROCESS = "falcon_exp.process"  # host:pid of the process that ran it
@@ -164,4 +168,5 @@ CONDITIONAL |= {
     TAG_TEXT: "for synthetic weights",
     TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
     TAG_SLURM_JOB: "in a SLURM job",
+    TAG_REUSED_RUNS: "on a resumed sweep's parent run, when resume=true skipped a job",
 }

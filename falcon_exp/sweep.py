@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from falcon_exp import tracking
-from falcon_exp.config import ConfigError, FalconExpError, JobConfig, override_key
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log
+from falcon_exp import store, tracking
+from falcon_exp.cli import override_key
+from falcon_exp.config import ConfigError, FalconExpError, JobConfig
+from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, say_error
 from falcon_exp.records import SweepNeeds
+
+if TYPE_CHECKING:
+    from falcon_exp.job import Job
 
 SWEEP_FILE = "falcon_exp_sweep.json"
 OUTCOMES = "falcon_exp_jobs"  # in the sweep folder: one file per job, named by its number
@@ -39,6 +44,7 @@ class Sweep:
     parent_run_id: str
     varying: tuple[str, ...]
     needs: SweepNeeds
+    repeats: dict[str, str] = dataclasses.field(default_factory=dict)  # job number -> the earlier job it measures again
 
     def save(self, sweep_dir: Path) -> None:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +56,35 @@ class Sweep:
         if not path.is_file():
             return None
         raw = json.loads(path.read_text())
-        return cls(raw["parent_run_id"], tuple(raw["varying"]), SweepNeeds(**raw["needs"]))
+        return cls(raw["parent_run_id"], tuple(raw["varying"]), SweepNeeds(**raw["needs"]), raw.get("repeats", {}))
+
+
+def job_label(overrides: list[str], varying: tuple[str, ...]) -> str:
+    """A job's name: those of its overrides whose keys vary within its sweep (`bits=4`), or all of
+    them outside a sweep."""
+    return ",".join(o for o in overrides if not varying or override_key(o) in varying)
+
+
+def repeated_jobs(jobs: list[Job], labels: list[str]) -> dict[str, str]:
+    """The jobs that measure exactly what an earlier job of the sweep measures (bits=16 in a sweep
+    over backends or 4-bit types): job number -> the earlier job's name."""
+    first: dict[str, str] = {}
+    repeats = {}
+    for number, (job, label) in enumerate(zip(jobs, labels)):
+        if (earlier := first.setdefault(job.measured, label)) != label:
+            repeats[str(number)] = earlier
+    return repeats
+
+
+def writable_folder(key: str, folder: Path) -> None:
+    """The folder Hydra writes a job's or a sweep's files to can be made and written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        raise ConfigError(f"{key}={str(folder)!r} cannot be written ({error.strerror}); run falcon-exp from a writable folder, "
+                          f"or give {key}=A_WRITABLE_FOLDER (and MLFLOW_TRACKING_URI, whose default store is ./mlruns)") from None
 
 
 def record_outcome(sweep_dir: Path, job_num: int, name: str, status: str, run_id: str | None, why: str | None = None) -> None:
@@ -60,20 +94,23 @@ def record_outcome(sweep_dir: Path, job_num: int, name: str, status: str, run_id
     (folder / f"{job_num}.json").write_text(json.dumps({"name": name, "status": status, "run_id": run_id, "why": why}))
 
 
-def failed_jobs(sweep_dir: Path, jobs: int) -> list[str]:
-    """One line per job of the sweep that did not finish: FAILED or KILLED (with its run, if it
-    has one, or the reason there is none), or gone without reporting."""
-    lines = []
+def outcomes(sweep_dir: Path, jobs: int) -> tuple[list[str], list[str]]:
+    """What the sweep's jobs left: one line per job that did not finish (FAILED or KILLED, with
+    its run if it has one or the reason there is none, or gone without reporting), and the runs
+    of earlier sweeps that stand for the jobs resume=true skipped."""
+    failed, reused = [], []
     for num in range(jobs):
         path = sweep_dir / OUTCOMES / f"{num}.json"
         if not path.is_file():
-            lines.append(f"job {num}: ended without reporting an outcome (killed?)")
+            failed.append(f"job {num}: ended without reporting an outcome (killed?)")
             continue
         outcome = json.loads(path.read_text())
         if outcome["status"] not in SUCCEEDED:
             where = f"run {outcome['run_id']}" if outcome["run_id"] else f"no run: {outcome['why']}"
-            lines.append(f"{outcome['name']}: {outcome['status']} ({where})")
-    return lines
+            failed.append(f"{outcome['name']}: {outcome['status']} ({where})")
+        elif outcome["status"] == "SKIPPED" and outcome["run_id"]:
+            reused.append(outcome["run_id"])
+    return failed, reused
 
 
 def varying_keys(jobs: list[list[str]]) -> tuple[str, ...]:
@@ -93,14 +130,18 @@ def opened_here(parent_run_id: str) -> bool:
     return parent_run_id in _OPEN
 
 
-def close_open_sweep(why: str) -> None:
-    """End the sweep this process opened as KILLED (a signal stopped it), if it is still RUNNING."""
+def close_open_sweep(why: str, status: str = "KILLED") -> bool:
+    """End the sweep this process opened and could not finish (KILLED by a signal, FAILED by an
+    error), with its jobs' runs that are still RUNNING; returns whether it closed one."""
+    closed = False
     while _OPEN:
         parent = _OPEN.pop()
         try:
-            tracking.end_run(parent, "KILLED", why)
+            tracking.end_sweep_early(parent, status, why)
+            closed = True
         except Exception as error:  # noqa: BLE001 - the store is gone too: say so, in one line
-            print(f"falcon-exp: error: could not close the sweep's run {parent}: {tracking.one_line(error)}", file=sys.stderr)
+            say_error(f"could not close the sweep's run {parent}: {tracking.one_line(error)}")
+    return closed
 
 
 class SweepCallback(Callback):
@@ -127,7 +168,8 @@ class SweepCallback(Callback):
 
             quiet_third_party()
             resolved = [resolve(c) for c in configs]
-            tracking.check_store()
+            writable_folder("hydra.sweep.dir", Path(config.hydra.sweep.dir))
+            store.check()
         except FalconExpError as error:
             fail(error, EXIT_BAD_INPUT)
         self.jobs = len(jobs)
@@ -135,30 +177,41 @@ class SweepCallback(Callback):
         if len(experiments) > 1:
             fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
         varying = varying_keys(jobs)
+        repeats = repeated_jobs(resolved, [job_label(o, varying) for o in jobs])
         common = {override_key(o): o.partition("=")[2] for o in jobs[0] if override_key(o) not in varying}
         name = "sweep " + (" ".join(config.hydra.overrides.task) or "defaults")
-        if any(job.config.resume for job in resolved):
-            for closed in tracking.close_orphan_sweeps(next(iter(experiments))):
-                log.warning(f"closed sweep {closed} as FAILED: it was left RUNNING by a process that is gone")
         sweep_dir = Path(config.hydra.sweep.dir)
         if (other := Sweep.of(sweep_dir)) and tracking.run_status(other.parent_run_id) == "RUNNING":
             fail(f"hydra.sweep.dir={str(sweep_dir)!r} holds the sweep file of sweep {other.parent_run_id}, which is still RUNNING; "
                  "two sweeps must not share a folder: give each its own hydra.sweep.dir", EXIT_BAD_INPUT)
-        self.parent = tracking.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
-        _OPEN.append(self.parent)
         needs = SweepNeeds(longest_new_tokens=max(max(job.prompts.new_tokens) for job in resolved),
-                                  stops_early=any(not job.config.force_length for job in resolved))
-        Sweep(self.parent, varying, needs).save(sweep_dir)
+                           stops_early=any(not job.config.force_length for job in resolved))
+        try:  # Hydra turns a callback's exception into a warning and goes on: a sweep that cannot open stops here
+            if any(job.config.resume for job in resolved):
+                for closed in tracking.close_orphan_sweeps(next(iter(experiments))):
+                    log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
+            self.parent = tracking.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
+            _OPEN.append(self.parent)
+            Sweep(self.parent, varying, needs, repeats).save(sweep_dir)
+        except Exception as error:  # noqa: BLE001 - the store or the disk failed: one line, and no run left RUNNING
+            close_open_sweep(f"could not open the sweep: {tracking.one_line(error)}", "FAILED")
+            fail(f"could not open the sweep in {store.shown_uri()}: {tracking.one_line(error)}", EXIT_JOB_FAILED)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            writable_folder("hydra.run.dir", Path(config.hydra.run.dir))
+        except ConfigError as error:
+            fail(error, EXIT_BAD_INPUT)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        failed = failed_jobs(Path(config.hydra.sweep.dir), self.jobs)
+        failed, reused = outcomes(Path(config.hydra.sweep.dir), self.jobs)
         try:
-            children = tracking.end_sweep_run(self.parent, failed)
+            children = tracking.end_sweep_run(self.parent, failed, reused)
             _OPEN.remove(self.parent)
         except Exception as error:  # noqa: BLE001 - the store went away during the sweep
-            fail(f"could not close the sweep's run {self.parent} in {tracking.shown_uri()}: {tracking.one_line(error)}",
+            fail(f"could not close the sweep's run {self.parent} in {store.shown_uri()}: {tracking.one_line(error)}",
                  EXIT_JOB_FAILED)
         tracking.print_summary(children)
         if failed:

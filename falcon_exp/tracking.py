@@ -7,7 +7,6 @@ units and meanings.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -15,116 +14,22 @@ import socket
 import sys
 import time
 import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from falcon_exp import schema
-from falcon_exp.cache import file_lock
-from falcon_exp.config import FalconExpError
 from falcon_exp.console import stopped_by
 from falcon_exp.environment import commit as environment_commit
 from falcon_exp.records import JobResult, median, repetition_std
+from falcon_exp.store import client as _client
+from falcon_exp.store import redact, shown_uri, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Run
 
     from falcon_exp.job import Job
-
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-# A tracking server that goes away should fail a job in seconds, not after MLflow's default
-# minutes of retries; a user's own settings win.
-DATABASES = ("postgresql", "mysql", "mssql")  # MLflow's database stores besides SQLite
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def _client() -> MlflowClient:
-    from mlflow import MlflowClient
-
-    for key, value in HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=tracking_uri())
-
-
-def shown_uri(uri: str | None = None) -> str:
-    """The tracking URI as it may be printed: a password in it (`http://user:pass@host`,
-    `postgresql://user:pass@host/db`) becomes `***`."""
-    uri = uri or tracking_uri()
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_store(timeout_s: float = 5.0) -> None:
-    """Fail in seconds, naming the URI (without its password), when the store cannot be reached or written."""
-    uri, shown = tracking_uri(), shown_uri()
-    if uri.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(uri)
-        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-        request = urllib.request.Request(bare.rstrip("/") + "/health")
-        if parts.username is not None:  # credentials go in a header: urllib refuses them in the address
-            token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}".encode())
-            request.add_header("Authorization", f"Basic {token.decode()}")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            raise FalconExpError(f"the MLflow tracking server {shown} is unreachable ({reason})") from None
-        return
-    if uri.partition("://")[0].partition("+")[0] in DATABASES:
-        _connect_once(uri, timeout_s)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if database.is_dir():
-            raise FalconExpError(f"the MLflow store {shown} is a directory; give the path of a database file, e.g. sqlite:///mlruns/mlflow.db")
-        try:
-            database.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise FalconExpError(f"the MLflow store {shown} cannot be created ({error.strerror})") from None
-        if not os.access(database.parent, os.W_OK) or (database.exists() and not os.access(database, os.W_OK)):
-            raise FalconExpError(f"the MLflow store {shown} is not writable")
-    # MLflow creates or migrates a SQLite store's tables on first use; two sweeps starting together
-    # would race doing it: one at a time
-    lock = file_lock(Path(uri.removeprefix("sqlite:///") + ".lock")) if uri.startswith("sqlite:///") else contextlib.nullcontext()
-    try:
-        with lock:
-            _client().search_experiments(max_results=1)
-    except Exception as error:  # noqa: BLE001 - any failure here means: no usable store
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise FalconExpError(f"the MLflow store {shown} cannot be used: {message.replace(uri, shown)}") from None
-
-
-def _connect_once(uri: str, timeout_s: float) -> None:
-    """One connection to a database store, where MLflow would retry for minutes (about ten
-    attempts with growing pauses) before saying that it is down or refuses the credentials."""
-    import sqlalchemy
-
-    password = urllib.parse.urlsplit(uri).password
-    connect_args = {"connect_timeout": max(1, int(timeout_s))} if uri.startswith("postgresql") else {}
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except Exception as error:  # noqa: BLE001 - a missing driver, a refused connection, bad credentials: all one line
-        message = (str(error).strip().splitlines() or [type(error).__name__])[0].replace(uri, shown_uri(uri))
-        if password:
-            message = message.replace(password, "***")
-        raise FalconExpError(f"the MLflow store {shown_uri(uri)} cannot be used: {message}") from None
-
 
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it (artifacts beside a SQLite store) on first use."""
@@ -147,7 +52,7 @@ def experiment_id(name: str) -> str:
 
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+    return redact(f"{type(error).__name__}: {text[0] if text else ''}")[:500]
 
 
 def source_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -193,7 +98,7 @@ def job_run(job: Job, name: str, tags: dict[str, str], config_yaml: str, parent_
         raise
     except BaseException as error:
         client.log_batch(run_id, tags=[RunTag(schema.TAG_ERROR, one_line(error))])
-        client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+        client.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
@@ -224,12 +129,23 @@ def close_orphans(job: Job) -> list[str]:
 
 def close_orphan_sweeps(experiment: str) -> list[str]:
     """Sweeps' parent runs left RUNNING by a process of this host that is gone (it could not close
-    them: killed, or the store was away at its end): closed as FAILED by `resume=true`. Returns
-    what was closed, one line each."""
+    them: killed, or the store was away at its end), and those of their jobs' runs still RUNNING
+    whose process is gone too: closed as FAILED by `resume=true`, whichever part of the grid it
+    runs again. Returns what was closed, one line each."""
     client = _client()
     found = client.search_runs([experiment_id(experiment)], max_results=10000,
                                filter_string=f"tags.{schema.TAG_SWEEP_DIR} LIKE '%' and attributes.status = 'RUNNING'")
-    return [f"{run.info.run_name} ({run.info.run_id})" for run in _close_left_running(client, found, other_hosts=False)]
+    closed = _close_left_running(client, found, other_hosts=False)
+    for parent in list(closed):
+        closed += _close_left_running(client, _children(client, parent, running=True), other_hosts=True)
+    return [f"{run.info.run_name} ({run.info.run_id})" for run in closed]
+
+
+def _children(client: MlflowClient, parent: Run, running: bool = False) -> list[Run]:
+    """A sweep's child runs (those still RUNNING only, if asked), in the order they started."""
+    clause = f"tags.mlflow.parentRunId = '{parent.info.run_id}'" + (" and attributes.status = 'RUNNING'" if running else "")
+    children = client.search_runs([parent.info.experiment_id], filter_string=clause, max_results=10000)
+    return sorted(children, key=lambda r: r.info.start_time)
 
 
 def _close_left_running(client: MlflowClient, runs: list[Run], other_hosts: bool) -> list[Run]:
@@ -282,14 +198,26 @@ def run_status(run_id: str) -> str | None:
         return None
 
 
-def end_run(run_id: str, status: str, why: str | None = None) -> None:
-    """End a run (a sweep's parent, stopped) unless it has ended already."""
+def end_sweep_early(parent_run_id: str, status: str, why: str, wait_s: float = 10.0) -> None:
+    """A sweep stopped before its end (KILLED by a signal, FAILED by an error of its own) ends so,
+    and so do its jobs' runs left RUNNING by processes of this host that are gone once given
+    `wait_s` to close their own (a parallel launcher's workers go with the process that started
+    them). A job still running elsewhere (SLURM) closes its own run."""
     client = _client()
-    if client.get_run(run_id).info.status != "RUNNING":
-        return
-    if why:
-        client.set_tag(run_id, schema.TAG_ERROR, why)
-    client.set_terminated(run_id, status)
+    parent = client.get_run(parent_run_id)
+    deadline = time.monotonic() + wait_s
+    for child in _children(client, parent, running=True):
+        owner = child.data.tags.get(schema.TAG_PROCESS, "unknown")
+        if owner.partition(":")[0] != socket.gethostname():
+            continue
+        while _gone(owner, other_hosts=False) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _gone(owner, other_hosts=False) and client.get_run(child.info.run_id).info.status == "RUNNING":
+            client.set_tag(child.info.run_id, schema.TAG_ERROR, f"{why}: its sweep was stopped")
+            client.set_terminated(child.info.run_id, status)
+    if parent.info.status == "RUNNING":
+        client.set_tag(parent_run_id, schema.TAG_ERROR, why)
+        client.set_terminated(parent_run_id, status)
 
 
 def _param_value(value: Any) -> str:
@@ -396,26 +324,29 @@ def start_sweep_run(experiment: str, name: str, sweep_dir: Path, params: dict[st
     if params:
         from mlflow.entities import Param
 
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+        try:
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+        except Exception:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
     return run.info.run_id
 
 
-def end_sweep_run(parent_run_id: str, failed: list[str]) -> list[Run]:
+def end_sweep_run(parent_run_id: str, failed: list[str], reused: list[str]) -> list[Run]:
     """Close a sweep once all its jobs have returned: a child still RUNNING is then left over by a
     job that could not close it (the store was away when it ended, or its process was killed) and
     ends FAILED with that reason; the parent is FINISHED only if no job failed (`failed`: one
-    line per job that did not finish, from its outcome). Returns the children."""
+    line per job that did not finish, from its outcome) and names the runs of earlier sweeps that
+    stand for the jobs resume=true skipped (`reused`). Returns the children."""
     client = _client()
+    for start in range(0, len(reused), schema.REUSED_RUNS_PER_TAG):  # an MLflow tag holds at most 8,000 characters
+        key = schema.TAG_REUSED_RUNS + (f".{start // schema.REUSED_RUNS_PER_TAG}" if start else "")
+        client.set_tag(parent_run_id, key, " ".join(reused[start : start + schema.REUSED_RUNS_PER_TAG]))
     parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
-    )
-    for index, child in enumerate(children):
-        if child.info.status == "RUNNING":
-            client.set_tag(child.info.run_id, schema.TAG_ERROR, "still RUNNING when its sweep ended: its job could not close it")
-            client.set_terminated(child.info.run_id, "FAILED")
-            children[index] = client.get_run(child.info.run_id)
-    children.sort(key=lambda r: r.info.start_time)
+    for child in _children(client, parent, running=True):
+        client.set_tag(child.info.run_id, schema.TAG_ERROR, "still RUNNING when its sweep ended: its job could not close it")
+        client.set_terminated(child.info.run_id, "FAILED")
+    children = _children(client, parent)
     if failed:
         client.set_tag(parent_run_id, schema.TAG_ERROR, (f"{len(failed)} jobs failed: " + "; ".join(failed))[:5000])
     ok = not failed and all(c.info.status == "FINISHED" for c in children)

@@ -83,7 +83,14 @@ def resolve(model: ModelConfig, seed: int) -> Weights:
     if not config.is_file():
         raise ConfigError(f"model.path={model.path!r} holds no model (no config.json); give a directory written by "
                           "save_pretrained, or a hub id")
-    raw = json.loads(config.read_text())
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"model.path={model.path!r} holds a config.json that is not JSON ({error}); "
+                          "give a directory written by save_pretrained") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.path={model.path!r} holds a config.json that is a {type(raw).__name__}, not a model's settings; "
+                          "give a directory written by save_pretrained")
     identity = content_hash({"files": _files(directory), "packaged": PACKAGED.get(model.name, {}).get("requirement")})
     context = raw.get("max_position_embeddings") or raw.get("n_positions")
     return Weights(model.weights, source, None, None, identity, source, raw.get("quantization_config"), context)
@@ -179,6 +186,27 @@ def resolve_pretrained(model: ModelConfig) -> str:
             f"`hf download {model.path}` (or set model.path to a local copy), or use model.weights=synthetic"
         )
     return model.path
+
+
+def quantized_input_widths(weights: Weights) -> set[int]:
+    """The input widths of the linear layers a quantizer replaces (all but the output head), read
+    from the model's config on an empty skeleton; none where the config is not on disk yet (a hub
+    id still to download: the loaded model's verification finds a layer left out)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from falcon_exp.quantization import KEEP_FULL_PRECISION, quantizable_linears
+
+    if weights.kind == "synthetic":
+        config = architecture_config(str(weights.architecture))
+    elif weights.source and Path(weights.source).is_dir():
+        config = AutoConfig.from_pretrained(weights.source)
+    else:
+        return set()
+    with init_empty_weights(), quantizable_linears():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {m.in_features for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION}
 
 
 def architecture_config(name: str) -> PretrainedConfig:

@@ -118,6 +118,35 @@ def runs_of(uri: str, experiment: str = "falcon-exp"):
     return sorted(runs, key=lambda r: r.info.start_time), client
 
 
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder on a read-only mount (a bind mount of an empty folder; root's permissions would
+    let it write through mode bits). Skipped where this process may not mount."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount a read-only folder here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A small file system of its own (tmpfs), and a way to fill it up to `left` KiB."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def fill(left_kib: int) -> None:
+        stat = os.statvfs(folder)
+        with open(folder / "filler", "ab") as filler:
+            filler.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - left_kib * 1024))
+
+    yield folder, fill
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # the test's own MLflow client may still hold the store open
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A real one-node SLURM cluster for the session: its environment (SLURM_CONF). Skipped, with

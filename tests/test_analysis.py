@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 
 import pandas as pd
 import pytest
@@ -144,6 +145,67 @@ def test_a_sweep_with_one_finished_run_is_analysed(tmp_path, own_store, monkeypa
 def test_bad_analysis_input_is_one_line_exit_2(tmp_path, sweep_store, monkeypatch, capsys, args, says):
     out = analyse_in(tmp_path / "f", sweep_store, monkeypatch, capsys, *args, code=2)
     assert out.strip().startswith("falcon-exp: error: " + says.format(uri=sweep_store)) and len(out.strip().splitlines()) == 1
+
+
+def test_an_unusable_store_is_one_line_in_seconds_without_its_secrets(tmp_path, monkeypatch, capsys):
+    """The analysis checks the store as a job does, and never creates one."""
+    (tmp_path / "text.db").write_text("not a database")
+    stores = {
+        "http://falcon:secretpw@127.0.0.1:9": "the MLflow tracking server http://falcon:***@127.0.0.1:9 is unreachable",
+        "http://tok3n-secretpw@127.0.0.1:9": "the MLflow tracking server http://***@127.0.0.1:9 is unreachable",
+        "postgresql://falcon@127.0.0.1:9/mlflow?password=secretpw": "postgresql://falcon@127.0.0.1:9/mlflow?password=*** cannot be used",
+        f"sqlite:///{tmp_path}/text.db": "is not a SQLite database (file is not a database)",
+        f"sqlite:///{tmp_path}/none.db": "there is no MLflow store at",
+        "sqlite://": "the MLflow store sqlite:// is in memory and keeps nothing",
+        "foo://bar": "MLFLOW_TRACKING_URI='foo://bar' is not a store address",
+    }
+    for uri, says in stores.items():
+        start = time.monotonic()
+        out = analyse_in(tmp_path / "f", uri, monkeypatch, capsys, code=2)
+        assert time.monotonic() - start < 30, uri
+        assert out.startswith("falcon-exp: error: ") and says in out and len(out.strip().splitlines()) == 1, out
+        assert "secretpw" not in out
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, sweep_store, monkeypatch, capsys, read_only):
+    (tmp_path / "a-file").write_text("")
+    for out, says in ((tmp_path / "a-file", "is a file, not a folder"), (read_only / "figures", "cannot be written")):
+        said = analyse_in(tmp_path / "f", sweep_store, monkeypatch, capsys, "--out", str(out), code=2)
+        assert said.startswith(f"falcon-exp: error: --out '{out}' {says}") and len(said.strip().splitlines()) == 1
+
+
+def test_a_stopped_analysis_leaves_no_half_written_file(tmp_path, sweep_store, monkeypatch, capsys):
+    """A real SIGINT at a few moments of the analysis: one line, exit 130, and every file there
+    is whole (figures are written beside and moved into place)."""
+    import os
+    import signal
+
+    before = {each: signal.getsignal(each) for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    stopped = 0
+    try:
+        for delay in (0.3, 0.8, 1.5, 2.5):
+            out = tmp_path / f"stopped-{delay}"
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep_store)
+            code = analysis_main(["--out", str(out)])
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            said = capsys.readouterr().err
+            if code == 130:
+                stopped += 1
+                assert said.strip().splitlines()[-1] == "falcon-exp: error: stopped by SIGINT; no file was left half-written"
+            files = list(out.rglob("*")) if out.exists() else []
+            assert not [f for f in files if f.name.startswith(".")], files  # no staging file left behind
+            for pdf in (f for f in files if f.suffix == ".pdf"):
+                assert pdf.read_bytes().rstrip().endswith(b"%%EOF"), pdf
+            for png in (f for f in files if f.suffix == ".png"):
+                assert png.read_bytes().endswith(b"IEND\xaeB`\x82"), png
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for each, handler in before.items():
+            signal.signal(each, handler)
+    assert stopped >= 2  # the moments fell inside the analysis
 
 
 def test_nothing_selected_is_said_in_one_line(tmp_path, sweep_store, monkeypatch, capsys):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import compose as job
-from falcon_exp.config import ConfigError, check_group_overrides, flatten, read_prompts_file
+from falcon_exp.cli import check_group_overrides
+from falcon_exp.config import ConfigError, flatten, read_prompts_file
 
 
 def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():
@@ -45,6 +48,11 @@ def test_modes_are_named_by_what_they_are():
         (["force_length=maybe"], "force_length='maybe' is not allowed; choose true or false"),
         (["repetitions=2.5"], "repetitions=2.5 is not allowed; it must be an integer >= 1"),
         (["+colour=red"], "config.colour is not a key of config"),
+        (["model=tiny-falcon", "model.path=/tmp"], "model.path='/tmp' is not read by synthetic weights (model=tiny-falcon"),
+        (["max_memory=foo"], "max_memory='foo' is not allowed; give null, or a mapping of devices"),
+        (["max_memory={0: lots}"], "max_memory={0: 'lots'} is not allowed: 0: 'lots'"),
+        (["max_memory={gpu: 70GiB}"], "max_memory={'gpu': '70GiB'} is not allowed: 'gpu': '70GiB'"),
+        (["bits=4.0"], "bits='4.0' is not allowed; choose one of: 4, 8, 16"),  # the command line writes it as 4 first
     ],
 )
 def test_bad_values_fail_with_one_line_naming_them(overrides, message):
@@ -73,6 +81,8 @@ def test_prompt_files_yaml_and_jsonl(tmp_path):
     "name, text, message",
     [
         ("bad.jsonl", '{"prompt": "x"\n', "is malformed"),
+        ("second.jsonl", '{"prompt": "x"}\n\n{"prompt": y}\n', "is malformed: line 3: Expecting value \\(column 12\\)$"),
+        ("surrogate.jsonl", '{"prompt": "a\\ud800"}\n', "entry 0 is not valid Unicode text: '\\\\ud800' at character 1 is half of a surrogate"),
         ("bad.yaml", "a: [1,\n", "is malformed"),
         ("empty.yaml", "[]\n", "holds no prompts"),
         ("numbers.yaml", "- 1\n- 2\n", "is not a prompt"),
@@ -96,7 +106,7 @@ def test_flatten_makes_dotted_keys():
 
 
 def test_load_order_puts_the_keys_that_shape_weights_first_and_keeps_the_rest_in_order():
-    from falcon_exp.config import load_order
+    from falcon_exp.cli import load_order
 
     given = ["-m", "max_length=40,48", "prompts=seed_zh", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon"]
     assert load_order(given) == [
@@ -110,3 +120,36 @@ def test_a_length_the_model_cannot_hold_fails_as_the_job_resolves():
 
     with pytest.raises(ConfigError, match="max_length=4 leaves no room to generate"):
         resolve_job("model=tiny-falcon", "max_length=4")
+
+
+def test_memory_caps_as_accelerate_takes_them_pass():
+    assert job("max_memory={0: 70GiB, 1: 70000000000, cpu: 100GB, disk: 1TiB}").max_memory == {0: "70GiB", 1: 70000000000, "cpu": "100GB",
+                                                                                               "disk": "1TiB"}
+
+
+def test_the_command_line_writes_bits_as_integers_and_refuses_settings_beside_from_checkpoint():
+    from falcon_exp.cli import check_checkpoint_overrides, integral_bits
+
+    assert integral_bits(["-m", "bits=4.0,8", "max_length=60.0", "--cfg", "job"]) == ["-m", "bits=4,8", "max_length=60.0", "--cfg", "job"]
+    for given in (["quantization.from_checkpoint=true", "bits=8"], ["-m", "quantization.from_checkpoint=false,True", "quantization.quant_type=fp4"]):
+        with pytest.raises(ConfigError, match=r"^(bits=8|quantization.quant_type=fp4) beside quantization.from_checkpoint=true: the"):
+            check_checkpoint_overrides(given)
+    check_checkpoint_overrides(["quantization.from_checkpoint=true", "model.path=ckpt", "max_length=60"])
+    check_checkpoint_overrides(["quantization.from_checkpoint=false", "bits=8"])
+
+
+def test_a_prompt_longer_than_the_context_is_named_as_such(tmp_path):
+    from conftest import resolve_job
+
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "word " * 3000}) + "\n")
+    with pytest.raises(ConfigError, match=r"^prompt 1 of prompts=long is 3001 tokens, as long as tiny-falcon's context of 2048 tokens"):
+        resolve_job("model=tiny-falcon", f"prompts.file={tmp_path / 'long.jsonl'}", "max_length=null", "max_new_tokens=2")
+
+
+@pytest.mark.parametrize("text, message", [("{bad", "holds a config.json that is not JSON"), ("[1]", "holds a config.json that is a list")])
+def test_a_model_folder_whose_config_is_not_a_models_is_refused_in_one_line(tmp_path, text, message):
+    from conftest import resolve_job
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"^model.path='{tmp_path}' {message}"):
+        resolve_job(f"model.path={tmp_path}")

@@ -6,6 +6,7 @@ cache directory."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import run_cli, runs_of, save_tiny_falcon
@@ -41,13 +42,15 @@ def test_a_prequantized_checkpoint_is_refused_when_it_holds_other_than_asked(iso
 def test_a_prequantized_checkpoint_taken_as_found_is_logged_as_found(isolated):
     tmp_path, store = isolated
     nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.double_quant=true"))
-    done = run_cli(f"model.path={nf4}", "bits=8", "quantization.from_checkpoint=true", *FEW, "max_new_tokens=4",
+    done = run_cli(f"model.path={nf4}", "quantization.from_checkpoint=true", *FEW, "max_new_tokens=4",
                    f"prompts.file={tmp_path / 'two.yaml'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,), _ = runs_of(store)
+    (run,), client = runs_of(store)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert (params["bits"], params["mode"], params["quantization.quant_type"], params["quantization.double_quant"]) == ("4", "nf4", "nf4", "True")
+    logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config/config.yaml")))  # what ran, not the defaults
+    assert (logged["bits"], logged["quantization"]["quant_type"], logged["quantization"]["double_quant"]) == (4, "nf4", True)
     assert run.data.tags["falcon_exp.quantization_source"].startswith("checkpoint")
     assert run.data.tags["falcon_exp.quantization_realised"] == "4bit"
     # no unquantized reference exists for such weights: quality says so instead of a number

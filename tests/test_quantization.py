@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
 
-from conftest import compose, resolve_job
+from conftest import compose, resolve_job, save_tiny_falcon
 from falcon_exp.cache import content_hash
 from falcon_exp.config import TORCHAO_ONLY, ConfigError, JobConfig, knobs
 from falcon_exp.quantization import (
@@ -241,6 +241,28 @@ def test_a_group_size_that_does_not_divide_a_layer_leaves_it_unquantized_and_is_
     with pytest.raises(QuantizationNotRealised, match="weight asked Int4OpaqueTensor, found Parameter in 12 of 16 linear layers; "
                                                       ".* quantization.group_size=64 does not divide its input width"):
         verify(model, asked, "cpu")
+
+
+def test_what_the_config_alone_rules_out_for_torchao_is_refused_before_loading(tmp_path):
+    """A group that does not divide a layer's input width (Falcon-7B's 4544 and 128), and torchao
+    asked of a checkpoint that holds bitsandbytes weights: one line each, nothing loaded."""
+    with pytest.raises(ConfigError, match="^quantization.group_size=128 does not divide falcon-7b-instruct's layer input width 4544 "
+                                          ".* allowed here: 32, 64$"):
+        resolve_job("model=falcon-7b-instruct", "model.weights=synthetic", "quantization.backend=torchao", "quantization.group_size=128")
+    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4"))
+    with pytest.raises(ConfigError, match="carries its own quantization_config.*: quantization.backend asked torchao, found bitsandbytes;"):
+        resolve_job(f"model.path={nf4}", "bits=4", "quantization.backend=torchao")
+
+
+def test_a_sweep_measures_what_repeats_an_earlier_job_once():
+    """bf16 in a sweep over backends, or over 4-bit types, is one measurement; settings that apply differ."""
+    from falcon_exp.sweep import repeated_jobs
+
+    asked = [("bits=16",), ("bits=16", "quantization.backend=torchao"), ("bits=4",), ("bits=4", "quantization.backend=torchao"),
+             ("bits=16", "quantization.quant_type=fp4"), ("bits=4", "quantization.quant_type=fp4")]
+    jobs = [resolve_job("model=tiny-falcon", *overrides) for overrides in asked]
+    assert repeated_jobs(jobs, [",".join(o) for o in asked]) == {"1": "bits=16", "4": "bits=16"}
+    assert len({job.identity for job in jobs}) == len(jobs)  # identities (resume) stay as they were
 
 
 def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_device(monkeypatch):

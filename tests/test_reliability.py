@@ -23,34 +23,46 @@ LONG = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "
 
 
 def start_and_stop(tmp_path, *signals: signal.Signals, args: tuple[str, ...] = ("-m", "bits=4,8", *LONG),
-                   under_way: str = "prompt 1/5 rep 1/50") -> tuple[int, str]:
-    """Start a long job, wait until timed generation is under way, send the signals; returns
-    the exit code and what it printed after them."""
+                   under_way: str = "prompt 1/5 rep 1/50", group: bool = False) -> tuple[int, str]:
+    """Start a long job, wait until timed generation is under way, send the signals (to its whole
+    process group, as a terminal's Ctrl-C does, if `group`); returns the exit code and what it
+    printed after them."""
     process = subprocess.Popen([sys.executable, "-m", "falcon_exp", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                               env=os.environ)
+                               env=os.environ, start_new_session=group)
     for line in process.stderr:
         if under_way in line:
             break
     for each in signals:
-        process.send_signal(each)
+        os.killpg(process.pid, each) if group else process.send_signal(each)
         time.sleep(0.05)
     _, rest = process.communicate(timeout=120)
     return process.returncode, rest
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)],
-                         ids=["ctrl-c", "sigterm, then more during shutdown"])
-def test_a_signal_ends_the_run_and_its_sweep_killed_in_one_line(tmp_path, store, signals):
+JOBLIB = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+
+
+@pytest.mark.parametrize("args, signals, group, killed", [  # killed: the runs, a sweep's first
+    (("bits=4", *LONG), (signal.SIGINT,), False, 1),
+    (("-m", "bits=4,8", *LONG), (signal.SIGTERM, signal.SIGINT, signal.SIGTERM), False, 2),  # the sweep and the job it reached
+    (("-m", *JOBLIB, "bits=4,8", *LONG), (signal.SIGTERM,), False, 3),  # the sweep and both workers' jobs
+    (("-m", *JOBLIB, "bits=4,8", *LONG), (signal.SIGINT,), True, 3),
+], ids=["ctrl-c, one job", "sigterm, then more during shutdown", "sigterm to a parallel sweep's main process",
+        "ctrl-c to a parallel sweep's process group"])
+def test_a_signal_ends_the_runs_and_their_sweep_killed_in_one_line(tmp_path, store, args, signals, group, killed):
     """Ctrl-C, SLURM's SIGTERM (time limit, pre-emption), SIGHUP; more signals while stopping
-    wait for the runs to close rather than leave them RUNNING."""
-    code, rest = start_and_stop(tmp_path, *signals)
+    wait for the runs to close rather than leave them RUNNING; a parallel sweep's workers go with
+    it, and their runs end KILLED too."""
+    code, rest = start_and_stop(tmp_path, *signals, args=args, group=group)
     assert code == 128 + signals[0].value
     assert "Traceback" not in rest
-    assert rest.strip().splitlines()[-1].startswith(f"falcon-exp: stopped by {signals[0].name}; the running job and its sweep are KILLED")
+    what = "the running job and its sweep are" if "-m" in args else "the running job is"
+    assert f"falcon-exp: stopped by {signals[0].name}; {what} KILLED in MLflow (resume=true re-runs what did not finish)" in rest
     runs, _ = runs_of(store)
-    assert [r.info.status for r in runs] == ["KILLED", "KILLED"]  # the sweep, and the one job it reached
-    assert runs[1].data.tags["mlflow.parentRunId"] == runs[0].info.run_id
-    assert runs[1].data.tags["falcon_exp.error"] == f"stopped by {signals[0].name}"
+    assert [r.info.status for r in runs] == ["KILLED"] * killed
+    for run in runs[1:]:
+        assert run.data.tags["mlflow.parentRunId"] == runs[0].info.run_id
+        assert run.data.tags["falcon_exp.error"].startswith(f"stopped by {signals[0].name}")
 
 
 def test_sighup_stops_like_sigterm_and_more_signals_then_wait():
@@ -86,6 +98,62 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_resume_and_run_agai
     runs, _ = runs_of(store)
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert "left RUNNING by process" in runs[0].data.tags["falcon_exp.error"]
+
+
+def test_resume_over_part_of_a_killed_sweeps_grid_closes_what_it_left_and_is_analysed_whole(tmp_path, store, two_prompts,
+                                                                                             monkeypatch, capsys):
+    """SIGKILL during bits=8 of `-m bits=4,8`; `-m bits=4 resume=true` closes the dead sweep and
+    its dead bits=8 run, skips bits=4, and its analysis shows bits=4 through the earlier run."""
+    from falcon_exp.analysis.__main__ import main as analysis_main
+
+    args = (*[a for a in LONG if not a.startswith(("repetitions", "max_new_tokens"))], "repetitions=3", "max_new_tokens=16",
+            f"prompts.file={two_prompts}")
+    code, _ = start_and_stop(tmp_path, signal.SIGKILL, args=("-m", "bits=4,8", *args), under_way="synthetic weights) as int8")
+    assert code == -signal.SIGKILL
+    again = run_cli("-m", "bits=4", *args, "resume=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs, _ = runs_of(store)
+    assert [(r.info.run_name.split(" ")[:2], r.info.status) for r in runs] == [
+        (["sweep", "bits=4,8"], "FAILED"), (["bits=4"], "FINISHED"), (["bits=8"], "FAILED"), (["sweep", "bits=4"], "FINISHED")]
+    assert "closed by resume=true" in runs[2].data.tags["falcon_exp.error"]
+    monkeypatch.chdir(tmp_path)
+    assert analysis_main(["--out", str(tmp_path / "figures")]) == 0
+    said = capsys.readouterr().out
+    assert "read 1 runs of sweep 'sweep bits=4" in said and "1 of them from earlier sweeps, standing for the jobs resume=true skipped" in said
+    assert (tmp_path / "figures" / "results.csv").read_text().count(runs[1].info.run_id) == 1
+
+
+def test_a_read_only_folder_is_one_line_naming_where_to_write(read_only, tmp_path):
+    """Hydra writes each job's files under the current folder: a read-only one is said before any run opens."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for args, key in ((QUICK, "hydra.run.dir"), (("-m", "bits=4", *QUICK), "hydra.sweep.dir")):
+        done = run_cli(*args, cwd=read_only, env={"MLFLOW_TRACKING_URI": uri})
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+        assert lines[0].startswith(f"falcon-exp: error: {key}=") and "(Read-only file system); run falcon-exp from a writable folder" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists() or runs_of(uri)[0] == []
+
+
+def test_a_full_disk_ends_in_one_line_per_failure_and_resume_closes_what_it_left(full_disk, two_prompts):
+    """The store and the job folders on a disk that fills up mid-sweep: no traceback, whoever
+    meets the full disk (MLflow, SQLAlchemy, logging, Hydra); once there is room, resume leaves
+    nothing RUNNING."""
+    from mlflow import MlflowClient
+
+    folder, fill = full_disk
+    uri = f"sqlite:///{folder}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # the store, before the disk fills
+    fill(100)
+    args = ("-m", "bits=4,8", *QUICK, f"prompts.file={two_prompts}")
+    done = run_cli(*args, cwd=folder, env={"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Logging error" not in done.stderr, done.stderr[-3000:]
+    assert "database or disk is full" in done.stderr or "No space left on device" in done.stderr
+    (folder / "filler").unlink()
+    again = run_cli(*args, "resume=true", cwd=folder, env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs, _ = runs_of(uri)
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
 
 
 def test_two_sweeps_started_together_keep_their_own_folders_and_runs_and_log_no_secret(tmp_path, two_prompts):

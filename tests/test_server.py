@@ -1,7 +1,7 @@
 """A real `mlflow server` on a real PostgreSQL store with a shared artifact folder, as a lab runs
 it: two sweeps write to it at once (one of them a joblib sweep of three workers) and lose no run,
-metric or artifact, nor a parent/child link; the analysis reads them back; the MLflow UI, opened
-in headless Chromium, shows the runs and their `bits`."""
+metric or artifact, nor a parent/child link, and print no secret of its address; the analysis
+reads them back; the MLflow UI, opened in headless Chromium, shows the runs and their `bits`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ SWEEPS = {  # two sweeps started together: the first through joblib with three w
     "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "bits=4,8,16"],
     "basic": ["bits=4"],
 }
+# The server takes any credentials: each sweep reaches it with a secret in the address (a password;
+# a token given as the user name), which nothing it prints may show.
+SECRET = "s3cret-in-the-address"
+ADDRESSES = {"joblib": "http://falcon:{secret}@{host}", "basic": "http://{secret}@{host}"}
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +39,16 @@ def sweeps_on_server(pg_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrent")
     (root / "two.yaml").write_text(TWO_PROMPTS)
     common = [*QUICK, f"prompts.file={root / 'two.yaml'}", f"tracking.experiment={EXPERIMENT}"]
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
-    started = {name: subprocess.Popen([sys.executable, "-m", "falcon_exp", "-m", *args, *common], cwd=root, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name, args in SWEEPS.items()}
+    host = uri.removeprefix("http://")
+    started = {name: subprocess.Popen([sys.executable, "-m", "falcon_exp", "-m", *args, *common], cwd=root, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=os.environ | {"MLFLOW_TRACKING_URI": ADDRESSES[name].format(secret=SECRET, host=host)})
+               for name, args in SWEEPS.items()}
     for name, process in started.items():
-        _, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=600)
         assert process.returncode == 0, f"{name}: {err[-3000:]}"
+        assert SECRET not in out + err and SECRET not in "".join(p.read_text() for p in root.rglob("*.log")), name
+        assert f"runs are in {ADDRESSES[name].format(secret='***', host=host)}" in err
     return uri
 
 

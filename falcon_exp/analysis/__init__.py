@@ -18,15 +18,15 @@ def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | No
     table = tables.comparison(loaded.runs)
     written = tables.write(table, out)
     flat = out / "results.csv"
-    tables.results(loaded.runs).to_csv(flat, index=False, float_format="%.10g", lineterminator="\n")
+    tables.save_csv(tables.results(loaded.runs), flat)
     written.append(flat)
     if schema.ROOFLINE_FRACTION in loaded.runs:
         decode = out / "roofline.csv"
-        tables.roofline(loaded.runs).to_csv(decode, index=False, float_format="%.10g", lineterminator="\n")
+        tables.save_csv(tables.roofline(loaded.runs), decode)
         written.append(decode)
     tidy = out / "runs_by_prompt.csv"
     columns = [c for c in loaded.tidy.columns if c != "start_time"]
-    loaded.tidy[columns].to_csv(tidy, index=False, float_format="%.10g", lineterminator="\n")
+    tables.save_csv(loaded.tidy[columns], tidy)
     written.append(tidy)
     written += figures.make_all(loaded.runs, loaded.samples, keys, out)
     return loaded, written

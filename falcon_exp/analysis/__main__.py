@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from falcon_exp.analysis import analyse
 from falcon_exp.config import FalconExpError
+from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, say_error, signal_number, stop_on_signals, stopped_by
+
+
+def writable_folder(out: Path) -> None:
+    """--out is a folder that can be written, or can be made where it is asked; nothing is made yet."""
+    if out.exists() and not out.is_dir():
+        raise FalconExpError(f"--out {str(out)!r} is a file, not a folder; give a folder for the tables and figures")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FalconExpError(f"--out {str(out)!r} cannot be written ({existing} is not a writable folder); give a writable folder")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from falcon_exp.tracking import log_figures, shown_uri, tracking_uri
+    from falcon_exp.store import shown_uri, tracking_uri
+    from falcon_exp.tracking import log_figures
 
     parser = argparse.ArgumentParser(prog="falcon-exp-analysis", description=__doc__)
     parser.add_argument("--experiment", default="falcon-exp", help="MLflow experiment (default: falcon-exp)")
@@ -21,11 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", action="store_true", help="also log the files to the sweep's parent run")
     args = parser.parse_args(argv)
     uri = tracking_uri()
+    stop_on_signals()
     try:
+        writable_folder(args.out)
         loaded, written = analyse(uri, args.out, args.experiment, None if args.sweep == "all" else args.sweep, args.filter)
     except FalconExpError as error:
-        print(f"falcon-exp: error: {error}", file=sys.stderr)
-        return 2
+        say_error(error)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # a full disk, a folder made read-only meanwhile
+        say_error(f"could not write the analysis under --out {str(args.out)!r}: {error.strerror or error}")
+        return EXIT_JOB_FAILED
+    except KeyboardInterrupt as error:  # files are written whole or not at all: nothing half-written is left
+        say_error(f"stopped by {stopped_by(error)}; no file was left half-written")
+        return 128 + signal_number(error)
     print(f"read {len(loaded.runs)} runs of {loaded.source} from {shown_uri(uri)}")
     for line in loaded.skipped:
         print(f"left out: {line}")

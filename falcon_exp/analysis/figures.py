@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from falcon_exp import schema
 from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, column, ordered, peak_memory
+from falcon_exp.cache import replaced
 
 STYLE = {
     "font.family": "DejaVu Sans",
@@ -42,7 +43,8 @@ def _save(figure: Figure, directory: Path, stem: str) -> list[Path]:
     paths = []
     for suffix, metadata in METADATA.items():
         path = directory / f"{stem}.{suffix}"
-        figure.savefig(path, metadata=metadata, bbox_inches="tight")
+        with replaced(path) as staging:  # whole or not at all, should the analysis be stopped
+            figure.savefig(staging, format=suffix, metadata=metadata, bbox_inches="tight")
         paths.append(path)
     return paths
 

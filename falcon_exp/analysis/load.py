@@ -12,11 +12,15 @@ their metric key):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from falcon_exp import schema
+from falcon_exp import schema, store
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 BACKEND, SCHEME = "quantization.backend", "scheme"  # params: the config key, and the scheme tracking logs beside `mode`
 REQUIRED_METRICS = (schema.DECODE_MS_PER_TOKEN, schema.GENERATE_S, schema.WEIGHTS_GB, schema.sample(schema.GENERATE_S),
@@ -35,24 +39,16 @@ class Loaded:
     parent_run_id: str | None  # the sweep's parent run, where one was read
 
 
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_string: str = "") -> tuple[list, str, str | None]:
     """The runs to analyse: a sweep's children (the latest sweep by default, or a parent run id),
     or with sweep=None every run of the experiment that is not a sweep's parent."""
     from mlflow.exceptions import MlflowException
 
     from falcon_exp.config import FalconExpError
-    from falcon_exp.tracking import shown_uri
 
-    shown = shown_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise FalconExpError(f"there is no MLflow store at {shown}; run `falcon-exp` first or set MLFLOW_TRACKING_URI")
-    client = _client(uri)
+    store.check(uri, create=False)
+    shown = store.shown_uri(uri)
+    client = store.client(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
@@ -74,14 +70,27 @@ def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_
             raise FalconExpError(f"--sweep {sweep!r} is no run in {shown}; give a sweep's parent run id, 'latest' or 'all'") from None
         clause = f"tags.mlflow.parentRunId = '{sweep}'"
         runs = client.search_runs(ids, filter_string=" and ".join(filter(None, [clause, filter_string])), max_results=50000)
-        return runs, f"sweep {parent.info.run_name!r} ({sweep})", sweep
+        reused = _reused(client, parent, filter_string)
+        said = f"; {len(reused)} of them from earlier sweeps, standing for the jobs resume=true skipped" if reused else ""
+        return runs + reused, f"sweep {parent.info.run_name!r} ({sweep}{said})", sweep
     runs = client.search_runs(ids, filter_string=filter_string, max_results=50000)
     return [r for r in runs if schema.TAG_SWEEP_DIR not in r.data.tags], f"experiment {experiment!r}", None
 
 
+def _reused(client: MlflowClient, parent: Run, filter_string: str) -> list[Run]:
+    """The runs of earlier sweeps that stand for the configurations a resumed sweep skipped."""
+    ids = [i for key, value in sorted(parent.data.tags.items()) if key.startswith(schema.TAG_REUSED_RUNS) for i in value.split()]
+    if not ids:
+        return []
+    quoted = ", ".join(f"'{i}'" for i in ids)
+    clause = f"attributes.run_id IN ({quoted})"
+    return client.search_runs([parent.info.experiment_id], filter_string=" and ".join(filter(None, [clause, filter_string])),
+                              max_results=50000)
+
+
 def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest", filter_string: str = "") -> Loaded:
     found, source, parent_run_id = select_runs(uri, experiment, sweep, filter_string)
-    client = _client(uri)
+    client = store.client(uri)
     rows, sample_rows, skipped = [], [], []
     for run in sorted(found, key=lambda r: (r.info.start_time, r.info.run_id)):
         name = run.info.run_name or run.info.run_id

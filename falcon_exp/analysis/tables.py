@@ -9,6 +9,7 @@ import pandas as pd
 
 from falcon_exp import schema
 from falcon_exp.analysis.load import BACKEND, SCHEME
+from falcon_exp.cache import replaced
 
 PEAK_GB = "memory/peak_gb"  # the analysis' own column: allocator peak where there was a GPU, else host RSS
 # (metric key, column title); a timing column is shown as "median ± spread between repetitions".
@@ -122,11 +123,18 @@ def _formatted(table: pd.DataFrame) -> pd.DataFrame:
 def write(table: pd.DataFrame, directory: Path, stem: str = "comparison") -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{stem}.{suffix}" for suffix in ("csv", "md", "tex")]
-    table.to_csv(paths[0], index=False, float_format="%.10g", lineterminator="\n")
+    save_csv(table, paths[0])
     shown = _formatted(table)
-    paths[1].write_text(_markdown(shown) + "\n" + SPREAD_NOTE + "\n")
-    paths[2].write_text(shown.to_latex(index=False, escape=True, caption=SPREAD_NOTE))
+    for path, text in zip(paths[1:], (_markdown(shown) + "\n" + SPREAD_NOTE + "\n", shown.to_latex(index=False, escape=True, caption=SPREAD_NOTE))):
+        with replaced(path) as staging:
+            staging.write_text(text)
     return paths
+
+
+def save_csv(frame: pd.DataFrame, path: Path) -> None:
+    """A table as CSV, numbers to ten significant digits, written whole or not at all."""
+    with replaced(path) as staging:
+        frame.to_csv(staging, index=False, float_format="%.10g", lineterminator="\n")
 
 
 def _markdown(frame: pd.DataFrame) -> str:

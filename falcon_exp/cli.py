@@ -1,0 +1,115 @@
+"""The command line before Hydra sees it: config folders the user adds, renamed groups, checks
+that need only the arguments (a group choice, settings beside quantization.from_checkpoint), and
+the order of a sweep's overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from falcon_exp.config import ConfigError, group_choices
+
+PRESET_GROUP = "preset"
+OLD_PRESET_GROUP = "experiment"  # its name until 0.2 (it clashed with the MLflow experiment); read until 0.3
+
+
+def override_key(argument: str) -> str:
+    """`+quantization.quant_type=nf4` -> `quantization.quant_type`."""
+    return argument.lstrip("+~").partition("=")[0]
+
+
+def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
+    """Config folders a user adds with Hydra's usual means: `--config-dir DIR` (`-cd DIR`) and
+    `hydra.searchpath=[file://DIR, pkg://PACKAGE/PATH]`."""
+    dirs: list[Path] = []
+    for i, argument in enumerate(arguments):
+        if argument in ("--config-dir", "-cd") and i + 1 < len(arguments):
+            dirs.append(Path(arguments[i + 1]))
+        elif argument.startswith("--config-dir="):
+            dirs.append(Path(argument.partition("=")[2]))
+        elif override_key(argument) == "hydra.searchpath":
+            for entry in argument.partition("=")[2].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    from importlib.resources import files
+
+                    package, _, sub = entry.removeprefix("pkg://").partition("/")
+                    dirs.append(Path(str(files(package))) / sub)
+                elif entry:
+                    dirs.append(Path(entry.removeprefix("file://")))
+    return tuple(dirs)
+
+
+def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """`experiment=article` is `preset=article` now: the arguments with the old group renamed,
+    and a notice for each renamed one."""
+    renamed, notices = [], []
+    for argument in arguments:
+        key = override_key(argument)
+        if key == OLD_PRESET_GROUP and "=" in argument:
+            argument = argument.replace(OLD_PRESET_GROUP, PRESET_GROUP, 1)
+            notices.append(f"`{OLD_PRESET_GROUP}=` is now `{PRESET_GROUP}=` (the MLflow experiment is tracking.experiment); "
+                           f"the old name is read until falcon-exp 0.3")
+        renamed.append(argument)
+    return renamed, notices
+
+
+def check_group_overrides(arguments: list[str]) -> None:
+    """`model=nope` on the command line: one line naming the choices, before Hydra composes
+    (whose own message spans a screen)."""
+    config_dirs = user_config_dirs(arguments)
+    for argument in arguments:
+        key, value = override_key(argument), argument.partition("=")[2]
+        if key not in ("model", "prompts", PRESET_GROUP) or not value:
+            continue
+        allowed = group_choices(key, config_dirs)
+        for choice in value.split(","):
+            if choice not in allowed and choice != "null":
+                raise ConfigError(f"{key}={choice!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+# Keys that decide which weights load; a sweep varies them slowest so that each model loads once.
+LOAD_SHAPING = ("model", PRESET_GROUP, "bits", "quantization", "dtype", "device", "max_memory", "seed")
+
+
+def load_order(arguments: list[str]) -> list[str]:
+    """Command-line overrides with the load-shaping ones first (otherwise in the order given).
+
+    Hydra's sweeper varies the first override slowest, so `-m max_length=40,48 bits=4,8` would
+    reload the model for every job; after this, jobs that share weights run back to back and
+    the process's model cache (models.MODELS) loads each model once. Reordering overrides of
+    different keys changes no job's configuration."""
+
+    slots = [i for i, a in enumerate(arguments) if "=" in a and not a.startswith("-")]  # flags stay put
+    overrides = sorted((arguments[i] for i in slots), key=lambda a: override_key(a).split(".")[0] not in LOAD_SHAPING)
+    ordered = list(arguments)
+    for slot, override in zip(slots, overrides):
+        ordered[slot] = override
+    return ordered
+
+
+def check_checkpoint_overrides(arguments: list[str]) -> None:
+    """`quantization.from_checkpoint=true` takes bits and every quantization setting from the
+    checkpoint: one given beside it would name the run after what did not run."""
+    overrides = [a for a in arguments if "=" in a and not a.startswith("-")]
+    asked = [a.partition("=")[2].lower().split(",") for a in overrides if override_key(a) == "quantization.from_checkpoint"]
+    if not any("true" in values for values in asked):
+        return
+    given = [a for a in overrides if override_key(a) == "bits"
+             or (override_key(a).startswith("quantization.") and override_key(a) != "quantization.from_checkpoint")]
+    if given:
+        raise ConfigError(f"{', '.join(given)} beside quantization.from_checkpoint=true: the checkpoint's own quantization_config "
+                          "decides bits and every quantization setting; drop them, or set quantization.from_checkpoint=false")
+
+
+def integral_bits(arguments: list[str]) -> list[str]:
+    """`bits=4.0` is `bits=4`: one job, one name, one identity, however the number is written."""
+
+    def integral(value: str) -> str:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return str(int(number)) if number.is_integer() else value
+
+    return [f"{a.partition('=')[0]}={','.join(integral(v) for v in a.partition('=')[2].split(','))}"
+            if override_key(a) == "bits" and "=" in a and not a.startswith("-") else a for a in arguments]
