@@ -10,21 +10,22 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from falcon_exp.cli import check_checkpoint_overrides, check_group_overrides, integral_bits, load_order, renamed_groups
-from falcon_exp.config import ConfigError, JobConfig
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, quiet_third_party, signal_number, stop_on_signals, stopped_by
+from falcon_exp.cli import check_checkpoint_overrides, check_group_overrides, integral_bits, load_order
+from falcon_exp.compat import renamed_groups
+from falcon_exp.config import JobConfig
+from falcon_exp.console import quiet_third_party, stop_on_signals
+from falcon_exp.errors import ConfigError
+from falcon_exp.failures import ending
 from falcon_exp.sweep import close_open_sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
-    try:
+    with ending():
         JobConfig.from_hydra(cfg)  # cheap checks first: a bad value fails before the inference stack loads
-    except ConfigError as error:
-        fail(error, EXIT_BAD_INPUT)
-    from falcon_exp.app import run_job
+        from falcon_exp.app import run_job
 
-    return run_job(cfg)
+        return run_job(cfg)
 
 
 def cli() -> None:
@@ -32,31 +33,20 @@ def cli() -> None:
     Hydra's own refusals (an unknown key, a malformed override) are one line too, and the overrides
     that decide which weights load go first, so a sweep loads each model once."""
     quiet_third_party()  # before the inference stack is imported: its import-time warnings say nothing of a run
-    arguments, notices = renamed_groups(sys.argv[1:])
-    for notice in notices:
-        print(f"falcon-exp: notice: {notice}", file=sys.stderr, flush=True)
-    try:
+    with ending(close_open_sweep):
+        arguments, notices = renamed_groups(sys.argv[1:])
+        for notice in notices:
+            print(f"falcon-exp: notice: {notice}", file=sys.stderr, flush=True)
         check_group_overrides(arguments)
         check_checkpoint_overrides(arguments)
-    except ConfigError as error:
-        fail(error, EXIT_BAD_INPUT)
-    sys.argv[1:] = load_order(integral_bits(arguments))
-    stop_on_signals()
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors come back here rather than being printed as a screenful
-    try:
-        main()
-    except CompactHydraException as error:  # what Hydra itself takes for the user's mistake
-        cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ and str(error.__cause__) else ""
-        fail(f"{' '.join(str(error).split())}{cause}; `falcon-exp --help` lists the keys", EXIT_BAD_INPUT)
-    except OSError as error:  # Hydra could not write a job's files (a full disk)
-        what = "; its sweep is FAILED in MLflow" if close_open_sweep(f"could not write: {error}", "FAILED") else ""
-        fail(f"could not write {error.filename or 'the job files Hydra keeps'}: {error.strerror or error}{what}", EXIT_JOB_FAILED)
-    except KeyboardInterrupt as error:  # Ctrl-C, SIGTERM, SIGHUP: the runs are KILLED in MLflow; one line, no traceback
-        name = stopped_by(error)
-        what = "the running job and its sweep are" if close_open_sweep(f"stopped by {name}") else "the running job is"
-        print(f"falcon-exp: stopped by {name}; {what} KILLED in MLflow (resume=true re-runs what did not finish)",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + signal_number(error))
+        sys.argv[1:] = load_order(integral_bits(arguments))
+        stop_on_signals()
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors come back here rather than being printed as a screenful
+        try:
+            main()
+        except CompactHydraException as error:  # what Hydra itself takes for the user's mistake
+            cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ and str(error.__cause__) else ""
+            raise ConfigError(f"{' '.join(str(error).split())}{cause}; `falcon-exp --help` lists the keys") from None
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from falcon_exp import environment, runner, schema, store, tracking
-from falcon_exp.config import FalconExpError
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, quiet_third_party, stop_on_signals, stopped_by
+from falcon_exp import environment, lifecycle, resume, runner, schema, store, tracking
+from falcon_exp.console import log, one_line, quiet_third_party, stop_on_signals, stopped_by
+from falcon_exp.errors import FalconExpError, JobFailed
 from falcon_exp.job import Job, resolve
 from falcon_exp.models import MODELS
 from falcon_exp.records import SweepNeeds
@@ -110,10 +109,7 @@ class _Outcome:
 
 
 def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
-    try:
-        job = resolve(cfg)
-    except FalconExpError as error:
-        fail(error, EXIT_BAD_INPUT)
+    job = resolve(cfg)
     sweep_dir = outcome.sweep_dir
     sweep = Sweep.of(sweep_dir) if sweep_dir else None
     name = outcome.name = job_name(job, sweep)
@@ -121,7 +117,7 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
         store.check()
     except FalconExpError as error:
         if sweep_dir is None:
-            fail(error, EXIT_BAD_INPUT)
+            raise
         log.error(f"job {name} FAILED: {error}")  # the sweep goes on: the store may come back for the next job
         return outcome.ended("FAILED", str(error))
     if sweep and (earlier := sweep.repeats.get(str(outcome.job_num))):
@@ -129,9 +125,9 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
                  f"to {job.config.mode})")
         return outcome.ended("SKIPPED")
     if job.config.resume:
-        for closed in tracking.close_orphans(job):
+        for closed in resume.close_orphans(job):
             log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
-        if done := tracking.finished_run(job):
+        if done := resume.finished_run(job):
             log.info(f"skipping {name}: this exact configuration finished as run {done} (resume=true)")
             outcome.run_id = done  # it stands for this configuration in the sweep's analysis
             return outcome.ended("SKIPPED")
@@ -143,16 +139,16 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
         hydra_dir = None
     parent = sweep.parent_run_id if sweep else None
     try:
-        with tracking.job_run(job, name, tags, _config_as_run(cfg, job), parent, hydra_dir) as run_id:
+        with lifecycle.job_run(job, name, tags, _config_as_run(cfg, job), parent, hydra_dir) as run_id:
             outcome.run_id = run_id
             result = runner.run(job, sweep.needs if sweep else SweepNeeds())
             tracking.log_result(run_id, job, result)
     except Exception as error:  # noqa: BLE001 - logged as FAILED; the sweep goes on
         MODELS.clear()
-        log.error(f"job {name} FAILED: {tracking.one_line(error)}")
+        log.error(f"job {name} FAILED: {one_line(error)}")
         if sweep_dir is None:
-            sys.exit(EXIT_JOB_FAILED)
-        return outcome.ended("FAILED", tracking.one_line(error))
+            raise JobFailed() from None  # said above
+        return outcome.ended("FAILED", one_line(error))
     for sample in result.samples:
         if sample.repetition == 0:
             print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)

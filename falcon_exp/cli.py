@@ -1,4 +1,4 @@
-"""The command line before Hydra sees it: config folders the user adds, renamed groups, checks
+"""The command line before Hydra sees it: config folders the user adds, checks
 that need only the arguments (a group choice, settings beside quantization.from_checkpoint), and
 the order of a sweep's overrides."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from falcon_exp.config import ConfigError, group_choices
+from falcon_exp.config import group_choices
+from falcon_exp.errors import ConfigError
 
 PRESET_GROUP = "preset"
-OLD_PRESET_GROUP = "experiment"  # its name until 0.2 (it clashed with the MLflow experiment); read until 0.3
 
 
 def override_key(argument: str) -> str:
@@ -37,20 +37,6 @@ def user_config_dirs(arguments: list[str]) -> tuple[Path, ...]:
                 elif entry:
                     dirs.append(Path(entry.removeprefix("file://")))
     return tuple(dirs)
-
-
-def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
-    """`experiment=article` is `preset=article` now: the arguments with the old group renamed,
-    and a notice for each renamed one."""
-    renamed, notices = [], []
-    for argument in arguments:
-        key = override_key(argument)
-        if key == OLD_PRESET_GROUP and "=" in argument:
-            argument = argument.replace(OLD_PRESET_GROUP, PRESET_GROUP, 1)
-            notices.append(f"`{OLD_PRESET_GROUP}=` is now `{PRESET_GROUP}=` (the MLflow experiment is tracking.experiment); "
-                           f"the old name is read until falcon-exp 0.3")
-        renamed.append(argument)
-    return renamed, notices
 
 
 def check_group_overrides(arguments: list[str]) -> None:

@@ -10,13 +10,15 @@ run exists.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from falcon_exp.checks import boolean, integer, memory_caps, one_of
+from falcon_exp.errors import ConfigError
+from falcon_exp.prompts import check_prompt, read_prompts_file
 
 BITS = (4, 8, 16)
 WEIGHTS = ("packaged", "hub", "synthetic")
@@ -32,35 +34,6 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a wheel carries it
-
-
-class FalconExpError(Exception):
-    """An error the user can fix; printed as one line, without a traceback."""
-
-
-class ConfigError(FalconExpError):
-    """Bad input, found before anything was loaded or logged."""
-
-
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        choices = ", ".join(str(a) for a in allowed)
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {choices}")
-
-
-def _integer(key: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
-        raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
-
-
-def _boolean(key: str, value: Any) -> None:
-    """Hydra reads true/false (any case) as booleans; any other word stays a string, which
-    Python would take as true: refused, so a run is never logged as given but run otherwise."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} is not allowed; choose true or false")
 
 
 def group_choices(group: str, config_dirs: tuple[Path, ...] = ()) -> list[str]:
@@ -89,16 +62,16 @@ class ModelConfig:
     outlier_gain: float
 
     def __post_init__(self) -> None:
-        _one_of("model.weights", self.weights, WEIGHTS)
-        _boolean("model.chat_template", self.chat_template)
-        _integer("model.synthetic_outliers", self.synthetic_outliers, minimum=0)
+        one_of("model.weights", self.weights, WEIGHTS)
+        boolean("model.chat_template", self.chat_template)
+        integer("model.synthetic_outliers", self.synthetic_outliers, minimum=0)
         if self.synthetic_outliers and self.weights != "synthetic":
             raise ConfigError(f"model.synthetic_outliers={self.synthetic_outliers} plants outliers in synthetic weights only; "
                               f"give model.weights=synthetic (model.weights={self.weights})")
         if isinstance(self.outlier_gain, bool) or not isinstance(self.outlier_gain, (int, float)) or self.outlier_gain <= 1:
             raise ConfigError(f"model.outlier_gain={self.outlier_gain!r} is not allowed; it must be a number > 1")
         if self.weights == "synthetic":
-            _one_of("model.architecture", self.architecture, tuple(available_architectures()))
+            one_of("model.architecture", self.architecture, tuple(available_architectures()))
             if self.path and self.path != _group_path(self.name):  # a packaged group names the hub id its architecture is of
                 raise ConfigError(f"model.path={self.path!r} is not read by synthetic weights (model={self.name}, random values of "
                                   f"model.architecture={self.architecture}); drop model.path, or give model.weights=hub to load it")
@@ -130,52 +103,7 @@ class PromptsConfig:
         items = raw.get("items") or []
         if not items:
             raise ConfigError(f"prompts={raw.get('name')!r} holds no prompts; give at least one (prompts.items or prompts.file)")
-        return cls(name=raw["name"], items=tuple(_check_prompt(p, f"prompts.items[{i}]") for i, p in enumerate(items)), file=None)
-
-
-def _check_prompt(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}={value!r} is not a prompt; each prompt must be a non-empty string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:  # a lone surrogate, which JSON's \ud800 escapes can make
-        raise ConfigError(f"{where} is not valid Unicode text: {value[error.start]!r} at character {error.start} is half of a "
-                          "surrogate pair; write the character itself or its full pair") from None
-    return value
-
-
-def read_prompts_file(path: Path) -> list[str]:
-    """A YAML list of strings (or {prompts: [...]}), or JSON lines with a "prompt" field; data only."""
-    if path.is_dir() or not path.exists():
-        raise ConfigError(f"prompts.file={str(path)!r} is not a file; give a .yaml, .yml or .jsonl file of prompts")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"prompts.file={str(path)!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
-    if path.suffix == ".jsonl":
-        items = [_json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    elif path.suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"prompts.file={str(path)!r} is malformed: {str(error).splitlines()[0]}") from None
-        items = data.get("prompts") if isinstance(data, dict) else data
-    else:
-        raise ConfigError(f"prompts.file={str(path)!r} has an unknown suffix; allowed: .yaml, .yml, .jsonl")
-    if not isinstance(items, list) or not items:
-        raise ConfigError(
-            f"prompts.file={str(path)!r} holds no prompts; write a YAML list of strings or JSON lines with a \"prompt\" field"
-        )
-    return [_check_prompt(p, f"prompts.file={str(path)!r} entry {i}") for i, p in enumerate(items)]
-
-
-def _json_line(path: Path, number: int, line: str) -> Any:
-    """A JSON-lines file's prompt, or None where the line holds no "prompt" field."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"prompts.file={str(path)!r} is malformed: line {number}: {error.msg} (column {error.colno})") from None
-    return row.get("prompt") if isinstance(row, dict) else None
+        return cls(name=raw["name"], items=tuple(check_prompt(p, f"prompts.items[{i}]") for i, p in enumerate(items)), file=None)
 
 
 @dataclass(frozen=True)
@@ -183,7 +111,7 @@ class GenerationConfig:
     fast: bool  # static KV cache and CUDA graphs (falcon_exp/decode.py)
 
     def __post_init__(self) -> None:
-        _boolean("generation.fast", self.fast)
+        boolean("generation.fast", self.fast)
 
 
 @dataclass(frozen=True)
@@ -200,15 +128,15 @@ class QuantizationConfig:
     from_checkpoint: bool  # take bits and settings from the checkpoint's own quantization_config
 
     def __post_init__(self) -> None:
-        _one_of("quantization.backend", self.backend, BACKENDS)
-        _one_of("quantization.group_size", self.group_size, GROUP_SIZES)
-        _one_of("quantization.torchao_8bit", self.torchao_8bit, TORCHAO_8BIT)
-        _one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
-        _one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
-        _boolean("quantization.double_quant", self.double_quant)
+        one_of("quantization.backend", self.backend, BACKENDS)
+        one_of("quantization.group_size", self.group_size, GROUP_SIZES)
+        one_of("quantization.torchao_8bit", self.torchao_8bit, TORCHAO_8BIT)
+        one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
+        one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
+        boolean("quantization.double_quant", self.double_quant)
         if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
-        _boolean("quantization.from_checkpoint", self.from_checkpoint)
+        boolean("quantization.from_checkpoint", self.from_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -219,10 +147,10 @@ class QualityConfig:
     window: int  # perplexity window, non-overlapping
 
     def __post_init__(self) -> None:
-        _boolean("quality.enabled", self.enabled)
-        _integer("quality.reference_tokens", self.reference_tokens)
-        _integer("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
-        _integer("quality.window", self.window, minimum=2)
+        boolean("quality.enabled", self.enabled)
+        integer("quality.reference_tokens", self.reference_tokens)
+        integer("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
+        integer("quality.window", self.window, minimum=2)
 
 
 @dataclass(frozen=True)
@@ -234,25 +162,6 @@ class TrackingConfig:
             raise ConfigError(f"tracking.experiment={self.experiment!r} is not allowed; give a non-empty name")
 
 
-MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
-
-
-def _memory_caps(caps: Any) -> None:
-    """max_memory as accelerate takes it: null, or a mapping of devices (a GPU index, cpu, disk)
-    to sizes (bytes, or a number with KB/MB/GB/TB or KiB/MiB/GiB/TiB)."""
-    if caps is None:
-        return
-    allowed = "null, or a mapping of devices (a GPU index, cpu, disk) to sizes such as 70GiB, e.g. {0: 70GiB, cpu: 100GiB}"
-    if not isinstance(caps, dict) or not caps:
-        raise ConfigError(f"max_memory={caps!r} is not allowed; give {allowed}")
-    for device, size in caps.items():
-        device_ok = (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or device in ("cpu", "disk")
-        size_ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
-            isinstance(size, str) and MEMORY_SIZE.fullmatch(size.strip()) is not None)
-        if not device_ok or not size_ok:
-            raise ConfigError(f"max_memory={caps!r} is not allowed: {device!r}: {size!r}; give {allowed}")
-
-
 def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
     """The quantization settings that apply at these bits and backend, by their config key (bits
     first): int8 ignores the 4-bit ones and the other way round, the unquantized baseline all."""
@@ -260,13 +169,9 @@ def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
         return {"bits": bits}
     if quantization.backend == "torchao":
         applying = ("backend", "group_size" if bits == 4 else "torchao_8bit")
-    else:  # as before the backend was a setting, so that earlier runs keep their identities
+    else:  # bitsandbytes' own
         applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}[bits]
     return {"bits": bits} | {f"quantization.{k}": getattr(quantization, k) for k in applying}
-
-
-# Settings that did not exist before the torchao backend: left out of a bitsandbytes job's identity.
-TORCHAO_ONLY = ("quantization.backend", "quantization.group_size", "quantization.torchao_8bit")
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -306,22 +211,22 @@ class JobConfig:
     flat: dict = field(compare=False)  # the params: dotted keys, as resolved
 
     def __post_init__(self) -> None:
-        _one_of("bits", self.bits if isinstance(self.bits, int) and not isinstance(self.bits, bool) else str(self.bits), BITS)
-        _integer("max_length", self.max_length, minimum=2, optional=True)
-        _integer("max_new_tokens", self.max_new_tokens, optional=True)
+        one_of("bits", self.bits if isinstance(self.bits, int) and not isinstance(self.bits, bool) else str(self.bits), BITS)
+        integer("max_length", self.max_length, minimum=2, optional=True)
+        integer("max_new_tokens", self.max_new_tokens, optional=True)
         if (self.max_length is None) == (self.max_new_tokens is None):
             raise ConfigError(
                 f"max_length={self.max_length} and max_new_tokens={self.max_new_tokens}: set exactly one of them "
                 "(the other to null)"
             )
-        _boolean("force_length", self.force_length)
-        _integer("repetitions", self.repetitions)
-        _integer("warmup", self.warmup, minimum=0)
-        _integer("seed", self.seed, minimum=0)
-        _one_of("device", self.device, DEVICES)
-        _one_of("dtype", self.dtype, DTYPES)
-        _memory_caps(self.max_memory)
-        _boolean("resume", self.resume)
+        boolean("force_length", self.force_length)
+        integer("repetitions", self.repetitions)
+        integer("warmup", self.warmup, minimum=0)
+        integer("seed", self.seed, minimum=0)
+        one_of("device", self.device, DEVICES)
+        one_of("dtype", self.dtype, DTYPES)
+        memory_caps(self.max_memory)
+        boolean("resume", self.resume)
 
     @classmethod
     def from_hydra(cls, cfg: Any) -> JobConfig:

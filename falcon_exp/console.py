@@ -9,25 +9,22 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, NoReturn
+from typing import Any
 
 from falcon_exp.store import redact
 
 log = logging.getLogger("falcon_exp")
 
-EXIT_BAD_INPUT = 2
-EXIT_JOB_FAILED = 1
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line for a log or a tag: its type, its first line, no secret."""
+    text = str(error).strip().splitlines()
+    return redact(f"{type(error).__name__}: {text[0] if text else ''}")[:500]
 
 
 def say_error(error: BaseException | str) -> None:
     """The one line an error is shown as: no traceback, no secret of the store's address."""
     print(redact(f"falcon-exp: error: {error}"), file=sys.stderr, flush=True)
-
-
-def fail(error: BaseException | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """One line on stderr and the exit code; no traceback (the error is the user's to fix)."""
-    say_error(error)
-    sys.exit(code)
 
 
 class Stopped(KeyboardInterrupt):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from falcon_exp import schema
 
@@ -32,7 +33,7 @@ def _git(*args: str) -> str | None:
 def _version(package: str) -> str:
     """The installed version; `3.17.2 (mlflow-skinny)` where another distribution provides the
     package's modules; `source tree` where they import with no distribution installed (a checkout
-    on PYTHONPATH, as on a lent GPU); `absent` where they do not import."""
+    on PYTHONPATH); `absent` where they do not import."""
     for distribution in PROVIDED_BY.get(package, (package,)):
         try:
             version = metadata.version(distribution)
@@ -58,12 +59,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvml() -> Any:
+    """pynvml, initialised: the one way into NVML (for the driver here, the processes' memory in
+    falcon_exp.measure). Raises where there is none (not installed, no driver)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
 def _nvidia_driver() -> str | None:
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        version = pynvml.nvmlSystemGetDriverVersion()
+        version = nvml().nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else version
     except Exception:  # noqa: BLE001 - no NVML: ask nvidia-smi
         pass
@@ -90,31 +97,31 @@ def describe(device: str) -> dict[str, str]:
     named = os.environ.get("FALCON_EXP_GIT_COMMIT")  # then nothing is known about uncommitted changes
     dirty = None if named else _git("status", "--porcelain")  # untracked files count: they can change what runs
     tags = {
-        "git.commit": commit() or "unknown",
-        "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "cpu.cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
-        "cpu.capability": torch.backends.cpu.get_cpu_capability(),
-        "torch.threads": str(torch.get_num_threads()),
-        "device": device,
+        schema.TAG_GIT_COMMIT: commit() or "unknown",
+        schema.TAG_GIT_DIRTY: "unknown" if dirty is None else str(bool(dirty)).lower(),
+        schema.TAG_HOST: socket.gethostname(),
+        schema.TAG_PYTHON: platform.python_version(),
+        schema.TAG_CPU: _cpu_name(),
+        schema.TAG_CPU_CORES: str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
+        schema.TAG_CPU_CAPABILITY: torch.backends.cpu.get_cpu_capability(),
+        schema.TAG_TORCH_THREADS: str(torch.get_num_threads()),
+        schema.TAG_DEVICE_KIND: device,
     }
     if device == "cuda":
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         tags |= {
-            "device.name": names[0],
-            "device.names": ", ".join(names),
-            "device.count": str(len(names)),
-            "device.driver": _nvidia_driver() or "unknown",
-            "device.cuda": torch.version.cuda or "unknown",
+            schema.TAG_DEVICE_NAME: names[0],
+            schema.TAG_DEVICE_NAMES: ", ".join(names),
+            schema.TAG_DEVICE_COUNT: str(len(names)),
+            schema.TAG_DEVICE_DRIVER: _nvidia_driver() or "unknown",
+            schema.TAG_DEVICE_CUDA: torch.version.cuda or "unknown",
         }
     else:
-        tags |= {"device.name": tags["cpu"], "device.count": "1"}
+        tags |= {schema.TAG_DEVICE_NAME: tags[schema.TAG_CPU], schema.TAG_DEVICE_COUNT: "1"}
     if os.environ.get("SLURM_JOB_ID"):  # which SLURM job ran it, to find its log or cancel it
         array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         tags[schema.TAG_SLURM_JOB] = f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
-    tags |= {f"version.{p}": _version(p) for p in PACKAGES}
+    tags |= {schema.version_tag(p): _version(p) for p in PACKAGES}
     if untested := untested_versions():
         tags[schema.TAG_UNTESTED_VERSIONS] = "; ".join(untested)
     return tags

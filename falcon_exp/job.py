@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from falcon_exp.cache import content_hash
-from falcon_exp.config import GROUP_SIZES, TORCHAO_ONLY, ConfigError, JobConfig, knobs
+from falcon_exp.compat import NOT_IN_01_IDENTITIES
+from falcon_exp.config import GROUP_SIZES, JobConfig, knobs
+from falcon_exp.errors import ConfigError
 from falcon_exp.quantization import differences, request_of_checkpoint
 from falcon_exp.weights import Weights, quantized_input_widths
 from falcon_exp.weights import resolve as resolve_weights
@@ -44,7 +46,7 @@ class Job:
     def identity(self) -> str:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
-        skipped = {"resume"} | (set(TORCHAO_ONLY) if self.config.quantization.backend == "bitsandbytes" else set())
+        skipped = {"resume"} | (set(NOT_IN_01_IDENTITIES) if self.config.quantization.backend == "bitsandbytes" else set())
         return self._hash(lambda key: key not in skipped)
 
     @property

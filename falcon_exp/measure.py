@@ -11,14 +11,18 @@ reason (`MemoryProbe.unmeasured`), never replaced by a current or whole-process 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from falcon_exp import schema
+from falcon_exp.environment import nvml
 from falcon_exp.records import Timing
 from falcon_exp.schema import GB
 
@@ -47,6 +51,20 @@ class Clock:
             self.marks[-1].synchronize()
             return [self.marks[0].elapsed_time(m) / 1e3 for m in self.marks]
         return [m - self.marks[0] for m in self.marks]
+
+
+def median_seconds(device: str, index: int, work: Callable[[], object], rounds: int) -> float:
+    """The median time of `work` on one device (a GPU's index) over `rounds` rounds after two
+    that warm up, each timed by a Clock."""
+    seconds = []
+    for _ in range(rounds + 2):
+        with torch.cuda.device(index) if device == "cuda" else contextlib.nullcontext():
+            clock = Clock(device)
+            clock.mark()
+            work()
+            clock.mark()
+            seconds.append(clock.seconds()[-1])
+    return statistics.median(seconds[2:])
 
 
 def synchronize(device: str) -> None:
@@ -138,9 +156,7 @@ def _peak_rss_bytes() -> int | None:
 def _nvml_handles(gpus: list[int], unmeasured: dict[str, str]) -> dict:
     """NVML handles of torch's devices, matched by UUID (NVML's order need not be torch's)."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
+        pynvml = nvml()
         return {i: pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(i).uuid}") for i in gpus}
     except Exception as error:  # noqa: BLE001 - no NVML (not installed, no driver): say so
         unmeasured[schema.PROCESS_GB] = f"NVML unavailable ({type(error).__name__}: {str(error)[:120]})"

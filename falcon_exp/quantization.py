@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from falcon_exp.config import ConfigError, FalconExpError, JobConfig, QuantizationConfig
+from falcon_exp.config import JobConfig, QuantizationConfig
+from falcon_exp.errors import ConfigError, FalconExpError
 from falcon_exp.records import QuantizationReport
 
 # Subclasses of nn.Linear whose forward is exactly nn.Linear's: module path -> class name.

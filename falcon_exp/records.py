@@ -1,10 +1,13 @@
-"""What crosses from a job to tracking: plain data, no torch, so that tracking (and the analysis
-beside it) import without the inference stack."""
+"""What crosses from a job to tracking: plain data and the statistics over it (medians, spreads
+between repetitions, totals), by metric name; no torch, so that tracking (and the analysis beside
+it) import without the inference stack."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+
+from falcon_exp import schema
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class QuantizationReport:
 
 
 @dataclass(frozen=True)
+class Bandwidth:
+    """A device's measured bandwidths, in bytes/s."""
+
+    read: float  # a large reduction's bytes read per second: the floor's denominator
+    copy: float  # a large copy's bytes read plus written per second
+
+
+@dataclass(frozen=True)
 class JobResult:
     samples: list[Sample]
     memory: dict[str, float]  # peaks over all timed generations, by metric name
@@ -50,12 +61,45 @@ class JobResult:
     quality: dict[str, float]  # empty when quality is off or cannot be measured
     decode_path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache (falcon_exp/decode.py)
     fast_fallback: str | None  # why the fast path runs without compilation or without CUDA graphs
-    bandwidth: dict[str, float]  # bytes/s: "read" (the floor's) and "copy"
+    bandwidth: Bandwidth
     weight_bytes_per_step: int
     kv_bytes_per_token: float
     warmup_tokens: int  # generated untimed before the first timed generation
     cpu_kernel: str | None  # bitsandbytes' CPU kernel for this mode, on a CPU run
     int8_outliers: dict[str, float]  # LLM.int8's outlier path in the last decode step, by metric name; empty if none ran
+
+    def columns(self) -> dict[str, list[float]]:
+        """Each per-sample metric's values, in the order of `samples`."""
+        timing = {schema.TTFT_MS: "ttft_ms", schema.DECODE_MS_PER_TOKEN: "decode_ms_per_token", schema.GENERATE_S: "generate_s",
+                  schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s", schema.PROMPT_TOKENS: "prompt_tokens", schema.NEW_TOKENS: "new_tokens"}
+        columns = {key: [getattr(s.timing, field) for s in self.samples] for key, field in timing.items()}
+        columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in self.samples]
+        columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in self.samples]
+        return columns | {key: [s.memory[key] for s in self.samples] for key in self.samples[0].memory}
+
+    def figures(self) -> dict[str, float]:
+        """The run's figures by metric name: token totals; the median of the floor and of every
+        timed metric, with the spread between repetitions beside it; the decode rate of the median
+        time; memory peaks over the generations; what the model holds; quality; bandwidths."""
+        figures: dict[str, float] = {}
+        for key, values in self.columns().items():
+            if key in schema.TOKENS:
+                figures[schema.total(key)] = sum(values)
+            elif (key == schema.FLOOR_MS_PER_TOKEN or key in schema.TIMED) and (middle := median(values)) is not None:
+                figures[key] = middle
+                by_prompt: dict[int, list[float]] = {}
+                for sample, value in zip(self.samples, values):
+                    by_prompt.setdefault(sample.prompt_index, []).append(value)
+                if key in schema.TIMED and (spread := repetition_std(by_prompt)) is not None:
+                    figures[key + schema.REP_STD] = spread
+        if (decode_ms := figures.get(schema.DECODE_MS_PER_TOKEN)) is not None:
+            figures[schema.DECODE_TOKENS_PER_S] = 1000 / decode_ms
+        figures[schema.WARMUP_TOKENS_TOTAL] = self.warmup_tokens
+        figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
+        figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}
+        figures |= self.int8_outliers | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
+        return figures | {schema.READ_BANDWIDTH_GBS: self.bandwidth.read / 1e9, schema.COPY_BANDWIDTH_GBS: self.bandwidth.copy / 1e9,
+                          schema.WEIGHT_BYTES_PER_STEP_GB: self.weight_bytes_per_step / 1e9, schema.KV_BYTES_PER_TOKEN: self.kv_bytes_per_token}
 
 
 @dataclass(frozen=True)

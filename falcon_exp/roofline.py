@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from falcon_exp.cache import cache_dir, locked, replaced
 from falcon_exp.console import log
+from falcon_exp.measure import median_seconds
 from falcon_exp.quantization import weights_bytes
+from falcon_exp.records import Bandwidth
 
 BUFFER_BYTES = {"cuda": 2**30, "cpu": 2**28}  # far beyond any cache
 ROUNDS = {"cuda": 20, "cpu": 5}
@@ -33,39 +32,18 @@ def _device_names(device: str) -> list[str]:
     return [f"cpu {platform.processor() or platform.machine()} threads={torch.get_num_threads()}"]
 
 
-def median_seconds(device: str, index: int, work: Callable[[], object]) -> float:
-    """The median time of `work` on one device over several rounds (the first two warm up)."""
-    seconds = []
-    for round_ in range(ROUNDS[device] + 2):
-        if device == "cuda":
-            with torch.cuda.device(index):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                work()
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            work()
-            elapsed = time.perf_counter() - begin
-        if round_ >= 2:
-            seconds.append(elapsed)
-    return statistics.median(seconds)
-
-
 def _measure(device: str, index: int) -> dict[str, float]:
     """Bytes/s read by a reduction over a large buffer, and read plus written by a large copy."""
     count = BUFFER_BYTES[device]
     target = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
     source = torch.ones(count // 4, dtype=torch.float32, device=target)
     destination = torch.empty_like(source)
-    read = count / median_seconds(device, index, source.sum)
-    copy = 2 * count / median_seconds(device, index, lambda: destination.copy_(source))
+    read = count / median_seconds(device, index, source.sum, ROUNDS[device])
+    copy = 2 * count / median_seconds(device, index, lambda: destination.copy_(source), ROUNDS[device])
     return {"read": read, "copy": copy}
 
 
-def bandwidth(device: str) -> dict[str, float]:
+def bandwidth(device: str) -> Bandwidth:
     """The slowest visible device's read and copy bandwidth in bytes/s, measured once per machine
     (GPUs of one host are alike). Parallel jobs measure one at a time (they would slow each
     other's measurement) under a lock, and the cache file is replaced whole, never half-written."""
@@ -81,7 +59,7 @@ def bandwidth(device: str) -> dict[str, float]:
         if missing:
             with replaced(path) as staging:
                 staging.write_text(json.dumps(known, indent=1, sort_keys=True))
-    return {kind: min(known[n][kind] for n in names) for kind in ("read", "copy")}
+    return Bandwidth(read=min(known[n]["read"] for n in names), copy=min(known[n]["copy"] for n in names))
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:

@@ -35,7 +35,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     if decoder.fallback:
         log.warning(f"fast path as {decoder.path}: {decoder.fallback}")
     torch.manual_seed(job.config.seed)
-    bench = _Bench(job, decoder, inputs, roofline.weight_bytes_per_step(model), bandwidth["read"])
+    bench = _Bench(job, decoder, inputs, roofline.weight_bytes_per_step(model), bandwidth.read)
     warmup_tokens = bench.warm_up()
     probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
     samples, first_outputs = bench.timed(probe)

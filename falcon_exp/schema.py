@@ -54,6 +54,9 @@ PEAK_ALLOCATED_GB = "memory/peak_allocated_gb"
 PEAK_RESERVED_GB = "memory/peak_reserved_gb"
 PROCESS_GB = "memory/process_gb"
 WEIGHTS_GB = "memory/weights_gb"
+# A run's peak memory, whatever its device: the first of these it has (the allocator's peak summed
+# over its GPUs, else the host's peak resident memory).
+PEAK_MEMORY = (PEAK_ALLOCATED_GB, PEAK_RSS_GB)
 
 
 def cuda_memory(index: int, name: str) -> str:
@@ -126,12 +129,6 @@ CONDITIONAL = {
     INT8_OUTLIER_LAYERS: "in 8 bits with an outlier threshold above 0", INT8_OUTLIER_COLUMNS: "as int8_outlier_layers",
 }
 
-# Names of earlier releases, read as today's by the analysis (same meaning, new name).
-RENAMED = {
-    "time/tokens_per_s": E2E_TOKENS_PER_S,
-    "sample/time/tokens_per_s": sample(E2E_TOKENS_PER_S),
-}
-
 # Tags.
 TAG_MODEL = "falcon_exp.model"
 TAG_WEIGHTS = "falcon_exp.weights"
@@ -157,8 +154,31 @@ TAG_SLURM_JOB = "slurm.job_id"  # the SLURM job (array_task) that ran it
 TAG_TEXT = "falcon_exp.text"
 TAG_OUTPUT_DIR = "falcon_exp.output_dir"
 TAG_UNTESTED_VERSIONS = "falcon_exp.untested_versions"
+# The machine and software that produced a run (falcon_exp/environment.py).
 TAG_GIT_COMMIT = "git.commit"
+TAG_GIT_DIRTY = "git.dirty"  # true, false, or unknown (a commit named by FALCON_EXP_GIT_COMMIT)
+TAG_HOST = "host"
+TAG_PYTHON = "python"
+TAG_CPU = "cpu"
+TAG_CPU_CORES = "cpu.cores"
+TAG_CPU_CAPABILITY = "cpu.capability"  # torch's vector capability, e.g. AVX2 or AVX512
+TAG_TORCH_THREADS = "torch.threads"
+TAG_DEVICE_KIND = "device"  # cpu or cuda
 TAG_DEVICE_NAME = "device.name"
+TAG_DEVICE_NAMES = "device.names"
+TAG_DEVICE_COUNT = "device.count"
+TAG_DEVICE_DRIVER = "device.driver"
+TAG_DEVICE_CUDA = "device.cuda"
+
+
+def version_tag(package: str) -> str:
+    """`version.torch`: the installed version of a package a run depends on."""
+    return f"version.{package}"
+
+
+# Params beside the config's own: the short mode name (nf4, int8, ao-int4, bf16, ...) and the scheme.
+PARAM_MODE = "mode"
+PARAM_SCHEME = "scheme"
 
 CONDITIONAL |= {
     TAG_FAST_FALLBACK: "when generation.fast runs without compilation or without a CUDA graph",

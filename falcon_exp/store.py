@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from falcon_exp.cache import file_lock
-from falcon_exp.config import FalconExpError
+from falcon_exp.errors import FalconExpError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from falcon_exp import store, tracking
+from falcon_exp import lifecycle, resume, store, summary
+from falcon_exp.checks import writable_folder
 from falcon_exp.cli import override_key
-from falcon_exp.config import ConfigError, FalconExpError, JobConfig
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, fail, log, say_error
+from falcon_exp.config import JobConfig
+from falcon_exp.console import log, one_line, say_error
+from falcon_exp.errors import ConfigError, JobFailed
+from falcon_exp.failures import ending
 from falcon_exp.records import SweepNeeds
 
 if TYPE_CHECKING:
@@ -76,15 +78,10 @@ def repeated_jobs(jobs: list[Job], labels: list[str]) -> dict[str, str]:
     return repeats
 
 
-def writable_folder(key: str, folder: Path) -> None:
-    """The folder Hydra writes a job's or a sweep's files to can be made and written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as error:
-        raise ConfigError(f"{key}={str(folder)!r} cannot be written ({error.strerror}); run falcon-exp from a writable folder, "
-                          f"or give {key}=A_WRITABLE_FOLDER (and MLFLOW_TRACKING_URI, whose default store is ./mlruns)") from None
+def hydra_folder(key: str, folder: Path) -> None:
+    """The folder Hydra writes a job's or a sweep's files to (`key`) can be written."""
+    writable_folder(f"{key}={str(folder)!r}", folder, f"run falcon-exp from a writable folder, or give {key}=A_WRITABLE_FOLDER "
+                    "(and MLFLOW_TRACKING_URI, whose default store is ./mlruns)")
 
 
 def record_outcome(sweep_dir: Path, job_num: int, name: str, status: str, run_id: str | None, why: str | None = None) -> None:
@@ -137,10 +134,10 @@ def close_open_sweep(why: str, status: str = "KILLED") -> bool:
     while _OPEN:
         parent = _OPEN.pop()
         try:
-            tracking.end_sweep_early(parent, status, why)
+            lifecycle.end_sweep_early(parent, status, why)
             closed = True
         except Exception as error:  # noqa: BLE001 - the store is gone too: say so, in one line
-            say_error(f"could not close the sweep's run {parent}: {tracking.one_line(error)}")
+            say_error(f"could not close the sweep's run {parent}: {one_line(error)}")
     return closed
 
 
@@ -159,62 +156,62 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
         jobs = [list(o) for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
-        configs = [loader.load_sweep_config(config, o) for o in jobs]
-        try:
-            for job_config in configs:  # cheap checks of every job first: a bad value fails in a second
-                JobConfig.from_hydra(job_config)
-            from falcon_exp.console import quiet_third_party
-            from falcon_exp.job import resolve
+        with ending():  # Hydra turns a callback's exception into a warning and goes on: a sweep that cannot start stops here
+            self._start(config, jobs, [loader.load_sweep_config(config, o) for o in jobs])
 
-            quiet_third_party()
-            resolved = [resolve(c) for c in configs]
-            writable_folder("hydra.sweep.dir", Path(config.hydra.sweep.dir))
-            store.check()
-        except FalconExpError as error:
-            fail(error, EXIT_BAD_INPUT)
+    def _start(self, config: DictConfig, jobs: list[list[str]], configs: list[DictConfig]) -> None:
+        hydra_folder("hydra.sweep.dir", Path(config.hydra.sweep.dir))
+        for job_config in configs:  # cheap checks of every job first: a bad value fails in a second
+            JobConfig.from_hydra(job_config)
+        from falcon_exp.console import quiet_third_party
+        from falcon_exp.job import resolve
+
+        quiet_third_party()
+        resolved = [resolve(c) for c in configs]
+        store.check()
         self.jobs = len(jobs)
         experiments = {job.config.tracking.experiment for job in resolved}
         if len(experiments) > 1:
-            fail(ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}"), EXIT_BAD_INPUT)
+            raise ConfigError(f"tracking.experiment takes one value per sweep, not {sorted(experiments)}")
         varying = varying_keys(jobs)
         repeats = repeated_jobs(resolved, [job_label(o, varying) for o in jobs])
         common = {override_key(o): o.partition("=")[2] for o in jobs[0] if override_key(o) not in varying}
         name = "sweep " + (" ".join(config.hydra.overrides.task) or "defaults")
         sweep_dir = Path(config.hydra.sweep.dir)
-        if (other := Sweep.of(sweep_dir)) and tracking.run_status(other.parent_run_id) == "RUNNING":
-            fail(f"hydra.sweep.dir={str(sweep_dir)!r} holds the sweep file of sweep {other.parent_run_id}, which is still RUNNING; "
-                 "two sweeps must not share a folder: give each its own hydra.sweep.dir", EXIT_BAD_INPUT)
+        if (other := Sweep.of(sweep_dir)) and lifecycle.run_status(other.parent_run_id) == "RUNNING":
+            raise ConfigError(f"hydra.sweep.dir={str(sweep_dir)!r} holds the sweep file of sweep {other.parent_run_id}, which is "
+                              "still RUNNING; two sweeps must not share a folder: give each its own hydra.sweep.dir")
         needs = SweepNeeds(longest_new_tokens=max(max(job.prompts.new_tokens) for job in resolved),
                            stops_early=any(not job.config.force_length for job in resolved))
-        try:  # Hydra turns a callback's exception into a warning and goes on: a sweep that cannot open stops here
+        try:
             if any(job.config.resume for job in resolved):
-                for closed in tracking.close_orphan_sweeps(next(iter(experiments))):
+                for closed in resume.close_orphan_sweeps(next(iter(experiments))):
                     log.warning(f"closed {closed} as FAILED: it was left RUNNING by a process that is gone")
-            self.parent = tracking.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
+            self.parent = lifecycle.start_sweep_run(experiments.pop(), name, sweep_dir, common | {"sweep.varying": ",".join(varying)})
             _OPEN.append(self.parent)
             Sweep(self.parent, varying, needs, repeats).save(sweep_dir)
         except Exception as error:  # noqa: BLE001 - the store or the disk failed: one line, and no run left RUNNING
-            close_open_sweep(f"could not open the sweep: {tracking.one_line(error)}", "FAILED")
-            fail(f"could not open the sweep in {store.shown_uri()}: {tracking.one_line(error)}", EXIT_JOB_FAILED)
+            close_open_sweep(f"could not open the sweep: {one_line(error)}", "FAILED")
+            raise JobFailed(f"could not open the sweep in {store.shown_uri()}: {one_line(error)}") from None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            writable_folder("hydra.run.dir", Path(config.hydra.run.dir))
-        except ConfigError as error:
-            fail(error, EXIT_BAD_INPUT)
+        with ending():
+            hydra_folder("hydra.run.dir", Path(config.hydra.run.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        failed, reused = outcomes(Path(config.hydra.sweep.dir), self.jobs)
+        with ending():
+            self._end(Path(config.hydra.sweep.dir))
+
+    def _end(self, sweep_dir: Path) -> None:
+        failed, reused = outcomes(sweep_dir, self.jobs)
         try:
-            children = tracking.end_sweep_run(self.parent, failed, reused)
+            children = lifecycle.end_sweep_run(self.parent, failed, reused)
             _OPEN.remove(self.parent)
         except Exception as error:  # noqa: BLE001 - the store went away during the sweep
-            fail(f"could not close the sweep's run {self.parent} in {store.shown_uri()}: {tracking.one_line(error)}",
-                 EXIT_JOB_FAILED)
-        tracking.print_summary(children)
+            raise JobFailed(f"could not close the sweep's run {self.parent} in {store.shown_uri()}: {one_line(error)}") from None
+        summary.print_summary(children)
         if failed:
             print("\n".join(f"falcon-exp: {line}" for line in failed), file=sys.stderr)
-            print(f"falcon-exp: {len(failed)} of {self.jobs} jobs failed", file=sys.stderr, flush=True)
-            sys.exit(EXIT_JOB_FAILED)
+            raise JobFailed(f"{len(failed)} of {self.jobs} jobs failed")

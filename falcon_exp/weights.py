@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from falcon_exp.cache import cache_dir, content_hash, locked
-from falcon_exp.config import ARCHITECTURES_DIR, ConfigError, FalconExpError, ModelConfig
+from falcon_exp.config import ARCHITECTURES_DIR, ModelConfig
 from falcon_exp.console import log
+from falcon_exp.errors import ConfigError, FalconExpError
 
 if TYPE_CHECKING:
     import torch

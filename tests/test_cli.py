@@ -43,7 +43,7 @@ def test_an_unusable_tracking_store_fails_fast_naming_it_without_its_password(tm
     """The store check every job makes first, for each kind of store; then the command line's
     one line and exit 2 for one of them."""
     from falcon_exp import store
-    from falcon_exp.config import FalconExpError
+    from falcon_exp.errors import FalconExpError
 
     for uri, (shown, says) in STORES.items():
         uri, shown = uri.format(tmp=tmp_path), shown.format(tmp=tmp_path)

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import compose as job
 from falcon_exp.cli import check_group_overrides
-from falcon_exp.config import ConfigError, flatten, read_prompts_file
+from falcon_exp.config import flatten
+from falcon_exp.errors import ConfigError
+from falcon_exp.prompts import read_prompts_file
 
 
 def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():

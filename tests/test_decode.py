@@ -17,6 +17,7 @@ from falcon_exp import roofline
 from falcon_exp.decode import EagerDecoder, FastDecoder, graph_safe_falcon
 from falcon_exp.measure import timed_generate
 from falcon_exp.models import load
+from falcon_exp.records import Bandwidth
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47]]
 
@@ -82,7 +83,7 @@ def test_int8_with_outlier_threshold_names_why_it_cannot_be_graphed():
 
 
 def test_generation_fast_is_validated():
-    from falcon_exp.config import ConfigError
+    from falcon_exp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="generation.fast='yes' is not allowed; choose true or false"):
         tiny_job("generation.fast=yes")
@@ -134,11 +135,11 @@ def test_bandwidth_is_measured_once_per_machine_read_and_copy(tmp_path, monkeypa
     monkeypatch.setenv("FALCON_EXP_CACHE", str(tmp_path))
     first = roofline.bandwidth("cpu")
     known = json.loads((tmp_path / "bandwidth.json").read_text())
-    assert list(known.values()) == [first] and all(1e8 < first[k] < 1e13 for k in ("read", "copy"))
+    assert list(known.values()) == [{"read": first.read, "copy": first.copy}] and 1e8 < first.read < 1e13 and 1e8 < first.copy < 1e13
     (tmp_path / "bandwidth.json").write_text(json.dumps({k: {"read": 123.0, "copy": 456.0} for k in known}))
-    assert roofline.bandwidth("cpu") == {"read": 123.0, "copy": 456.0}  # read back, not measured again
+    assert roofline.bandwidth("cpu") == Bandwidth(read=123.0, copy=456.0)  # read back, not measured again
     (tmp_path / "bandwidth.json").write_text(json.dumps({k: 789.0 for k in known}))  # an earlier release's copy figure
-    assert roofline.bandwidth("cpu")["read"] != 789.0  # measured anew: that file had no read bandwidth
+    assert roofline.bandwidth("cpu").read != 789.0  # measured anew: that file had no read bandwidth
 
 
 @pytest.mark.slow
@@ -187,7 +188,7 @@ def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
     timing = Timing(prompt_tokens=5, new_tokens=8, generate_s=0.1, ttft_ms=10.0, decode_ms_per_token=1.0, e2e_tokens_per_s=80.0)
     samples = [Sample(0, r, "p", "o", timing, {}, floor, floor / 1.0) for r, floor in enumerate((0.8, 1.25))]
     result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model), load_s=1.0, device="cpu", quality={},
-                       decode_path="eager", fast_fallback=None, bandwidth={"read": 1e9, "copy": 1e9}, weight_bytes_per_step=1,
+                       decode_path="eager", fast_fallback=None, bandwidth=Bandwidth(read=1e9, copy=1e9), weight_bytes_per_step=1,
                        kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={})
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning

@@ -58,3 +58,23 @@ def test_the_analysis_imports_no_inference_stack():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_tag_and_metric_names_are_written_in_the_schema_alone():
+    """Outside falcon_exp/schema.py no string of the package is a tag or metric name, or names one
+    in an MLflow filter (`tags.NAME`, `metrics.NAME`): they are read through the schema's names.
+    One-word tags (host, cpu, device, python) are also ordinary words, and are left out."""
+    names = {value for key, value in vars(schema).items() if key.isupper() and isinstance(value, str)
+             and ("." in value or "/" in value or "_" in value) and value not in (schema.SAMPLE, schema.REP_STD)}
+    names |= {schema.version_tag("torch")}
+    assert {schema.TAG_CONFIG_HASH, schema.TAG_GIT_COMMIT, schema.DECODE_MS_PER_TOKEN, schema.ROOFLINE_FRACTION} <= names
+    found = []
+    for path in sorted((REPO / "falcon_exp").rglob("*.py")):
+        if path.name == "schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+                if text in names or any(f"{kind}.{name}" in text for name in names for kind in ("tags", "metrics")):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {text!r}")
+    assert found == [], "names written outside falcon_exp/schema.py:\n" + "\n".join(found)

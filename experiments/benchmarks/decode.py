@@ -28,7 +28,7 @@ from falcon_exp import quantization, roofline
 from falcon_exp.config import CONF_DIR
 from falcon_exp.decode import EagerDecoder, FastDecoder, cuda_graph_of
 from falcon_exp.job import resolve
-from falcon_exp.measure import Clock, synchronize, timed_generate
+from falcon_exp.measure import Clock, median_seconds, synchronize, timed_generate
 from falcon_exp.models import MODELS
 
 SECTIONS = ["overhead", "profiler", "floor", "matmuls"]
@@ -125,7 +125,7 @@ def matmuls_alone(model, device: str) -> tuple[float, int]:
             torch.cuda.synchronize()
             how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
     with torch.no_grad():
-        ms = roofline.median_seconds(device, where.index or 0, work) * 1e3
+        ms = median_seconds(device, where.index or 0, work, roofline.ROUNDS[device]) * 1e3
     held = sum(quantization.weights_bytes(m) for m in linears)
     print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
@@ -160,7 +160,7 @@ def main() -> None:
         if "overhead" in args.show:
             print("(1) the harness's overhead")
             overhead(model, ids, args.tokens, device, pad, args.rounds)
-        bandwidth = roofline.bandwidth(device)["read"]
+        bandwidth = roofline.bandwidth(device).read
         weights = roofline.weight_bytes_per_step(model)
         decoders = {}
         if {"profiler", "floor"} & set(args.show):  # the sections that decode: building the fast one compiles and captures the step

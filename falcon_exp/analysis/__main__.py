@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from falcon_exp.analysis import analyse
-from falcon_exp.config import FalconExpError
-from falcon_exp.console import EXIT_BAD_INPUT, EXIT_JOB_FAILED, say_error, signal_number, stop_on_signals, stopped_by
-
-
-def writable_folder(out: Path) -> None:
-    """--out is a folder that can be written, or can be made where it is asked; nothing is made yet."""
-    if out.exists() and not out.is_dir():
-        raise FalconExpError(f"--out {str(out)!r} is a file, not a folder; give a folder for the tables and figures")
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise FalconExpError(f"--out {str(out)!r} cannot be written ({existing} is not a writable folder); give a writable folder")
+from falcon_exp.checks import writable_folder
+from falcon_exp.console import say_error, stop_on_signals, stopped_by
+from falcon_exp.errors import FalconExpError
+from falcon_exp.failures import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking_uri()
     stop_on_signals()
     try:
-        writable_folder(args.out)
+        writable_folder(f"--out {str(args.out)!r}", args.out, "give a folder the tables and figures can be written to")
         loaded, written = analyse(uri, args.out, args.experiment, None if args.sweep == "all" else args.sweep, args.filter)
     except FalconExpError as error:
         say_error(error)
-        return EXIT_BAD_INPUT
+        return exit_code(error)
     except OSError as error:  # a full disk, a folder made read-only meanwhile
         say_error(f"could not write the analysis under --out {str(args.out)!r}: {error.strerror or error}")
-        return EXIT_JOB_FAILED
+        return exit_code(error)
     except KeyboardInterrupt as error:  # files are written whole or not at all: nothing half-written is left
         say_error(f"stopped by {stopped_by(error)}; no file was left half-written")
-        return 128 + signal_number(error)
+        return exit_code(error)
     print(f"read {len(loaded.runs)} runs of {loaded.source} from {shown_uri(uri)}")
     for line in loaded.skipped:
         print(f"left out: {line}")

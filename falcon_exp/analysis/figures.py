@@ -13,6 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from falcon_exp import schema
+from falcon_exp.analysis.load import MODE
 from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, column, ordered, peak_memory
 from falcon_exp.cache import replaced
 
@@ -50,7 +51,7 @@ def _save(figure: Figure, directory: Path, stem: str) -> list[Path]:
 
 
 def _modes(frame: pd.DataFrame) -> list[str]:
-    return sorted(frame["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 99), m))
+    return sorted(frame[MODE].unique(), key=lambda m: (MODE_ORDER.get(m, 99), m))
 
 
 def _backend_marker(keys: list[str]) -> str | None:
@@ -60,14 +61,14 @@ def _backend_marker(keys: list[str]) -> str | None:
 
 def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
     """A configuration's name in legends: its mode and the other keys the sweep varied."""
-    others = [k for k in keys if k not in ("mode", "bits", BACKEND)]  # the mode names its backend
-    return runs.apply(lambda r: ", ".join([r["mode"]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
+    others = [k for k in keys if k not in (MODE, "bits", BACKEND)]  # the mode names its backend
+    return runs.apply(lambda r: ", ".join([r[MODE]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
 
 
 def memory_and_time_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
     """The article's figure redone: per prompt, peak memory and end-to-end time, one bar per
     mode (the median), error bars spanning the repetitions (min to max)."""
-    data = samples.merge(runs[["run_id", "mode"]].assign(config=_label(runs, keys)), on="run_id")
+    data = samples.merge(runs[["run_id", MODE]].assign(config=_label(runs, keys)), on="run_id")
     data = data.assign(**{"peak GB": peak_memory(data, schema.SAMPLE), "prompt": data["prompt_index"] + 1})
     figure, axes = _figure(2, figsize=(10, 3.8))
     order = list(dict.fromkeys(_label(ordered(runs), keys)))
@@ -87,7 +88,7 @@ def tradeoff(runs: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]
     decode = schema.DECODE_MS_PER_TOKEN
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = _figure(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x="peak", y=decode, hue="mode", hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
+    sns.scatterplot(data=runs, x="peak", y=decode, hue=MODE, hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
     axis.errorbar(runs["peak"], runs[decode], yerr=column(runs, decode + schema.REP_STD).fillna(0),
                   fmt="none", ecolor="grey", elinewidth=1, capsize=3)
     for _, row in runs.iterrows():
@@ -115,9 +116,9 @@ def latency_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str
 
 def time_vs_max_length(runs: pd.DataFrame, samples: pd.DataFrame, directory: Path) -> list[Path]:
     """End-to-end time per prompt against max_length, a line per mode."""
-    data = samples.merge(runs[["run_id", "mode", "max_length"]], on="run_id")
+    data = samples.merge(runs[["run_id", MODE, "max_length"]], on="run_id")
     figure, axis = _figure(figsize=(6, 4))
-    sns.lineplot(data=data, x="max_length", y=schema.sample(schema.GENERATE_S), hue="mode", hue_order=_modes(runs),
+    sns.lineplot(data=data, x="max_length", y=schema.sample(schema.GENERATE_S), hue=MODE, hue_order=_modes(runs),
                  marker="o", estimator="median", errorbar=("pi", 50), ax=axis)
     axis.set_ylabel("generate s per prompt (median; band: IQR over prompts x repetitions)")
     axis.set_title("Time against max_length")
@@ -127,7 +128,7 @@ def time_vs_max_length(runs: pd.DataFrame, samples: pd.DataFrame, directory: Pat
 def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, directory: Path) -> list[Path]:
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
     figure, axis = _figure(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue="mode", hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
+    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue=MODE, hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
     for _, row in runs.iterrows():
         axis.annotate(row["config"], (row[schema.WEIGHTS_GB], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel("weights GB")

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from falcon_exp import schema, store
+from falcon_exp import compat, schema, store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-BACKEND, SCHEME = "quantization.backend", "scheme"  # params: the config key, and the scheme tracking logs beside `mode`
+BACKEND = "quantization.backend"  # a config key
+MODE, SCHEME = schema.PARAM_MODE, schema.PARAM_SCHEME
 REQUIRED_METRICS = (schema.DECODE_MS_PER_TOKEN, schema.GENERATE_S, schema.WEIGHTS_GB, schema.sample(schema.GENERATE_S),
                     schema.sample(schema.DECODE_MS_PER_TOKEN))
 TAGS = (schema.TAG_MODEL, schema.TAG_WEIGHTS, schema.TAG_DEVICE, schema.TAG_DEVICE_NAME, schema.TAG_MODEL_REUSED,
@@ -44,7 +45,7 @@ def select_runs(uri: str, experiment: str, sweep: str | None = "latest", filter_
     or with sweep=None every run of the experiment that is not a sweep's parent."""
     from mlflow.exceptions import MlflowException
 
-    from falcon_exp.config import FalconExpError
+    from falcon_exp.errors import FalconExpError
 
     store.check(uri, create=False)
     shown = store.shown_uri(uri)
@@ -94,7 +95,7 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
     rows, sample_rows, skipped = [], [], []
     for run in sorted(found, key=lambda r: (r.info.start_time, r.info.run_id)):
         name = run.info.run_name or run.info.run_id
-        metrics = {schema.RENAMED.get(k, k): v for k, v in run.data.metrics.items()}
+        metrics = {compat.RENAMED_METRICS.get(k, k): v for k, v in run.data.metrics.items()}
         missing = [m for m in REQUIRED_METRICS if m not in metrics]
         if run.info.status != "FINISHED" or missing:
             why = f"status {run.info.status}" if run.info.status != "FINISHED" else f"no {', '.join(missing)}"
@@ -109,7 +110,7 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
         per_step: dict[int, dict] = {}
         for key in sorted(k for k in run.data.metrics if k.startswith(schema.SAMPLE)):
             for point in client.get_metric_history(run.info.run_id, key):
-                per_step.setdefault(point.step, {})[schema.RENAMED.get(key, key)] = point.value
+                per_step.setdefault(point.step, {})[compat.RENAMED_METRICS.get(key, key)] = point.value
         for step, values in sorted(per_step.items()):
             sample_rows.append(
                 {"run_id": run.info.run_id, "prompt_index": step // repetitions, "repetition": step % repetitions} | values
@@ -120,20 +121,13 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
     return Loaded(runs=runs, samples=samples, tidy=tidy, skipped=skipped, source=source, parent_run_id=parent_run_id)
 
 
-# Runs of releases before the torchao backend logged neither backend nor scheme: bitsandbytes was
-# the only backend, and the scheme followed from the mode.
-SCHEME_OF_EARLIER_MODE = {"nf4": "nf4", "fp4": "fp4", "int8": "llm.int8"}
-
-
 def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
     """Backend and scheme for every run; the unquantized baseline (scheme none) has no backend,
     whatever `quantization.backend` its config held."""
     if runs.empty:
         return runs
-    unlogged = pd.Series(None, index=runs.index, dtype=object)
-    scheme = runs.get(SCHEME, unlogged).fillna(runs["mode"].map(SCHEME_OF_EARLIER_MODE).fillna("none"))
-    backend = runs.get(BACKEND, unlogged).fillna("bitsandbytes").where(scheme != "none", "none")
-    return runs.assign(**{BACKEND: backend, SCHEME: scheme})
+    runs = compat.with_backend_and_scheme(runs, BACKEND, SCHEME)
+    return runs.assign(**{BACKEND: runs[BACKEND].where(runs[SCHEME] != "none", "none")})
 
 
 def _tidy(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

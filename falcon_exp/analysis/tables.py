@@ -3,12 +3,13 @@ they are, the spread between repetitions, and ratios against a reference mode.""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
 
 from falcon_exp import schema
-from falcon_exp.analysis.load import BACKEND, SCHEME
+from falcon_exp.analysis.load import BACKEND, MODE, SCHEME
 from falcon_exp.cache import replaced
 
 PEAK_GB = "memory/peak_gb"  # the analysis' own column: allocator peak where there was a GPU, else host RSS
@@ -35,7 +36,7 @@ SPREAD_NOTE = ("Timing columns: median over prompts x repetitions ± the spread 
                "(each prompt's standard deviation over its repetitions, median over prompts; none with one repetition).")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
-KEYS = ("model.name", "mode", BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
+KEYS = ("model.name", MODE, BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
         "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold",
         "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length")
 MODE_ORDER = {m: i for i, m in enumerate(("nf4", "fp4", "ao-int4", "int8", "ao-int8", "ao-fp8", "ao-fp8dyn", "bf16", "fp16", "fp32"))}
@@ -49,13 +50,14 @@ def column(frame: pd.DataFrame, key: str, default: object = float("nan")) -> pd.
 def peak_memory(frame: pd.DataFrame, prefix: str = "") -> pd.Series:
     """The allocator's peak summed over GPUs where there was a GPU, else the host's peak RSS;
     of runs (prefix "") or of samples (prefix `sample/`). NaN where neither was measured."""
-    return column(frame, prefix + schema.PEAK_ALLOCATED_GB).fillna(column(frame, prefix + schema.PEAK_RSS_GB))
+    first, *others = (column(frame, prefix + key) for key in schema.PEAK_MEMORY)
+    return functools.reduce(lambda peak, other: peak.fillna(other), others, first)
 
 
 def varying(runs: pd.DataFrame) -> list[str]:
     """The identifying config keys that tell the runs apart: mode always, then each key whose
     value is not already fixed by the keys before it (a setting fixes its quantization knobs)."""
-    chosen = ["mode"]
+    chosen = [MODE]
     text = runs.astype(str)
     for key in KEYS:
         if key in chosen or key not in runs:
@@ -73,13 +75,13 @@ def spans_backends(runs: pd.DataFrame) -> bool:
 def ordered(runs: pd.DataFrame) -> pd.DataFrame:
     """A stable order: by model, mode, then every varying key, then start time."""
     keys = [k for k in ("model.name",) + tuple(varying(runs)) if k in runs]
-    frame = runs.assign(_mode=runs["mode"].map(MODE_ORDER).fillna(99))
-    return frame.sort_values(["_mode" if k == "mode" else k for k in keys] + ["start_time", "run_id"], kind="stable").drop(columns="_mode")
+    frame = runs.assign(_mode=runs[MODE].map(MODE_ORDER).fillna(99))
+    return frame.sort_values(["_mode" if k == MODE else k for k in keys] + ["start_time", "run_id"], kind="stable").drop(columns="_mode")
 
 
 def reference_mode(runs: pd.DataFrame) -> str | None:
     """Ratios are against the unquantized baseline when the runs have one, else against int8."""
-    modes = set(runs["mode"])
+    modes = set(runs[MODE])
     return next((m for m in ("bf16", "fp16", "fp32", "int8") if m in modes), None)
 
 
@@ -93,9 +95,9 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
         table[key + schema.REP_STD] = column(runs, key + schema.REP_STD)
     reference = reference_mode(runs)
     if reference is not None:  # each run against the reference run of the same other settings
-        on = ["_join"] + [k for k in keys if k not in ("mode", "bits", BACKEND)]  # a mode names its backend
+        on = ["_join"] + [k for k in keys if k not in (MODE, "bits", BACKEND)]  # a mode names its backend
         left = runs.assign(_join=0)[on + list(RATIOS)]
-        right = left[runs["mode"].to_numpy() == reference].drop_duplicates(on)
+        right = left[runs[MODE].to_numpy() == reference].drop_duplicates(on)
         merged = left.merge(right, on=on, how="left", suffixes=("", "@ref"))
         for key in RATIOS:
             table[f"{key} / {reference}"] = (merged[key] / merged[f"{key}@ref"]).to_numpy()
@@ -147,11 +149,11 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 # The flat results file that experiments/results/ keeps: one row per run, plain names.
 RESULT_COLUMNS = {
-    "device.name": "device",
+    schema.TAG_DEVICE_NAME: "device",
     "model.name": "model",
     "model.weights": "weights",
     "setting": "setting",
-    "mode": "mode",
+    MODE: "mode",
     BACKEND: "backend",
     SCHEME: "scheme",
     "bits": "bits",
@@ -170,7 +172,7 @@ RESULT_COLUMNS = {
     schema.total(schema.NEW_TOKENS): "new_tokens_total",
     schema.LOAD_S: "load_s",
     "generation.fast": "fast",
-    schema.ROOFLINE_FRACTION: "roofline_fraction",
+    schema.ROOFLINE_FRACTION: schema.ROOFLINE_FRACTION,  # a plain name already
     schema.KL_MEAN: "kl_mean",
     schema.TOP1_AGREEMENT: "top1_agreement",
     schema.perplexity("en"): "perplexity_en",
@@ -202,9 +204,9 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "bits": runs["bits"],
         "mode": fast.map({True: "fast", False: "eager"}),
         "ms_per_token": runs[schema.DECODE_MS_PER_TOKEN],
-        "roofline_fraction": runs[schema.ROOFLINE_FRACTION],
+        schema.ROOFLINE_FRACTION: runs[schema.ROOFLINE_FRACTION],
         "peak_memory_gb": runs[PEAK_GB],
-        "quant": runs["mode"],
+        "quant": runs[MODE],
         "backend": backend,
         "int8_threshold": column(runs, "quantization.int8_threshold").where((runs["bits"] == 8) & (backend == "bitsandbytes")),
         "new_tokens": column(runs, "max_new_tokens"),
