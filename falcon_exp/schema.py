@@ -82,16 +82,13 @@ LINEAR_LAYERS = "quant/linear_layers"
 INT8_OUTLIER_LAYERS = "quant/int8_outlier_layers"  # count: int8 layers that split off outlier columns (fp16 path)
 INT8_OUTLIER_COLUMNS = "quant/int8_outlier_columns"  # columns split off, the mean over all int8 layers
 
-READ_BANDWIDTH_GBS = "roofline/read_bandwidth_gbs"
-COPY_BANDWIDTH_GBS = "roofline/copy_bandwidth_gbs"
-WEIGHT_BYTES_PER_STEP_GB = "roofline/weight_bytes_per_step_gb"
-KV_BYTES_PER_TOKEN = "roofline/kv_bytes_per_token"
 ROOFLINE = _metrics(
-    Metric(READ_BANDWIDTH_GBS, "GB/s", "bytes read per second by a large on-device reduction: the floor's denominator"),
-    Metric(COPY_BANDWIDTH_GBS, "GB/s", "bytes read plus written per second by a large on-device copy (for comparison)"),
-    Metric(WEIGHT_BYTES_PER_STEP_GB, "GB", "weight bytes one decode step reads (one row of an untied input embedding)"),
-    Metric(KV_BYTES_PER_TOKEN, "bytes", "KV-cache bytes the model stores per token of context"),
+    Metric("roofline/read_bandwidth_gbs", "GB/s", "bytes read per second by a large on-device reduction: the floor's denominator"),
+    Metric("roofline/copy_bandwidth_gbs", "GB/s", "bytes read plus written per second by a large on-device copy (for comparison)"),
+    Metric("roofline/weight_bytes_per_step_gb", "GB", "weight bytes one decode step reads (one row of an untied input embedding)"),
+    Metric("roofline/kv_bytes_per_token", "bytes", "KV-cache bytes the model stores per token of context"),
 )
+READ_BANDWIDTH_GBS, COPY_BANDWIDTH_GBS, WEIGHT_BYTES_PER_STEP_GB, KV_BYTES_PER_TOKEN = ROOFLINE
 
 # Quality against the unquantized reference (falcon_exp/quality.py).
 KL_MEAN = "quality/kl_mean"
