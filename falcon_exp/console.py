@@ -96,7 +96,10 @@ class _Redacted(logging.Filter):
     logs it (MLflow and SQLAlchemy print addresses and tracebacks with them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: the handler reports it as logging does
+            return True
         if (shown := redact(message)) != message:
             record.msg, record.args = shown, ()
         if record.exc_info and not record.exc_text:

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 
-from falcon_exp.console import say_error, signal_number, stopped_by
+from falcon_exp.console import one_line, say_error, signal_number, stopped_by
 from falcon_exp.errors import FalconExpError, JobFailed
+from falcon_exp.store import redact
 
 EXIT_FAILED = 1  # a job or a sweep failed at run time; its runs say why
 EXIT_BAD_INPUT = 2  # the user's to fix: nothing loaded, nothing logged
 
 
 def exit_code(error: BaseException) -> int:
-    """Stopped by a signal: 128 + its number; failed at run time: 1; bad input: 2."""
+    """Stopped by a signal: 128 + its number; bad input (an error the user can fix): 2; failed at
+    run time, or a fault: 1."""
     if isinstance(error, KeyboardInterrupt):
         return 128 + signal_number(error)
-    return EXIT_FAILED if isinstance(error, (JobFailed, OSError)) else EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT if isinstance(error, FalconExpError) and not isinstance(error, JobFailed) else EXIT_FAILED
 
 
 def status_after(error: BaseException) -> str:
@@ -30,8 +33,9 @@ def status_after(error: BaseException) -> str:
 @contextlib.contextmanager
 def ending(close: Callable[[str, str], bool] | None = None) -> Iterator[None]:
     """A failure that reaches here ends the process in one line, without a traceback. With
-    `close` (the command's own: `close(why, status)` closes the sweep it opened and says whether it
-    did), a signal and a file Hydra could not write end here too; without it they go on up."""
+    `close` (`close(why, status)` closes the sweep this process opened and says whether it did),
+    a signal, a file Hydra could not write and any other exception (its traceback, without
+    secrets) end here too; without it they go on up."""
     try:
         yield
     except JobFailed as error:
@@ -55,3 +59,9 @@ def ending(close: Callable[[str, str], bool] | None = None) -> Iterator[None]:
         print(f"falcon-exp: stopped by {name}; {what} KILLED in MLflow (resume=true re-runs what did not finish)",
               file=sys.stderr, flush=True)
         sys.exit(exit_code(error))
+    except Exception as error:  # a fault of falcon-exp's or a library's: its traceback, without secrets
+        if close is None:
+            raise
+        close(f"failed: {one_line(error)}", status_after(error))
+        print(redact("".join(traceback.format_exception(error))), file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from falcon_exp import schema
-from falcon_exp.console import one_line, stopped_by
+from falcon_exp.console import log, one_line, stopped_by
 from falcon_exp.environment import commit as environment_commit
 from falcon_exp.failures import status_after
 from falcon_exp.store import client as _client
@@ -87,12 +87,15 @@ def job_run(job: Job, name: str, tags: dict[str, str], config_yaml: str, parent_
             client.log_artifacts(run_id, str(Path(output_dir) / ".hydra"), "hydra")
         yield run_id
     except BaseException as error:
-        if isinstance(error, KeyboardInterrupt):
-            client.set_tag(run_id, schema.TAG_ERROR, f"stopped by {stopped_by(error)}")
-        else:
-            client.log_batch(run_id, tags=[RunTag(schema.TAG_ERROR, one_line(error))])
-            client.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
-        client.set_terminated(run_id, status_after(error))
+        try:
+            if isinstance(error, KeyboardInterrupt):
+                client.set_tag(run_id, schema.TAG_ERROR, f"stopped by {stopped_by(error)}")
+            else:
+                client.log_batch(run_id, tags=[RunTag(schema.TAG_ERROR, one_line(error))])
+                client.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
+            client.set_terminated(run_id, status_after(error))
+        except Exception as closing:  # noqa: BLE001 - the store is away: what ended the job still ends it (resume closes the run)
+            log.error(f"could not close run {run_id} in MLflow: {one_line(closing)}")
         raise
     client.set_terminated(run_id, "FINISHED")
 

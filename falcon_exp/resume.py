@@ -47,14 +47,15 @@ def close_orphans(job: Job) -> list[str]:
 def close_orphan_sweeps(experiment: str) -> list[str]:
     """Sweeps' parent runs left RUNNING by a process of this host that is gone (it could not close
     them: killed, or the store was away at its end), and those of their jobs' runs still RUNNING
-    whose process is gone too: closed as FAILED by `resume=true`, whichever part of the grid it
-    runs again. Returns what was closed, one line each."""
+    whose process, on this host, is gone too: closed as FAILED by `resume=true`, whichever part of
+    the grid it runs again (a job elsewhere, SLURM's, may still be running). Returns what was
+    closed, one line each."""
     client = _client()
     found = client.search_runs([experiment_id(experiment)], max_results=10000,
                                filter_string=f"tags.{schema.TAG_SWEEP_DIR} LIKE '%' and attributes.status = 'RUNNING'")
     closed = _close_left_running(client, found, other_hosts=False)
     for parent in list(closed):
-        closed += _close_left_running(client, children(client, parent, running=True), other_hosts=True)
+        closed += _close_left_running(client, children(client, parent, running=True), other_hosts=False)
     return [f"{run.info.run_name} ({run.info.run_id})" for run in closed]
 
 

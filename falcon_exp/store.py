@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -54,28 +55,42 @@ def client(uri: str | None = None) -> MlflowClient:
     return made
 
 
+# An address's user and password as SQLAlchemy reads them: the password runs to the `@`, so it may
+# hold `/`, `?` or `#`, which a URL parser would take for the end of the host part.
+USERINFO = re.compile(r"^[\w+.-]+://(?:(?P<user>[^:/@]*)(?::(?P<password>[^@]*))?@)?")
+
+
 def secrets(uri: str | None = None) -> list[str]:
     """What must never be printed: the address's password, a token given as an http address's
-    user name, a password or token in its query, and MLflow's password and token variables."""
-    parts = urllib.parse.urlsplit(uri or tracking_uri())
+    user name, a password or token in its query (as written and decoded), and MLflow's password
+    and token variables."""
+    uri = uri or tracking_uri()
     found = [os.environ[name] for name in SECRET_ENVIRONMENT if os.environ.get(name)]
-    if parts.password:
-        found.append(parts.password)
-    elif parts.username and parts.scheme in ("http", "https"):
-        found.append(parts.username)
-    found += [value for key, value in urllib.parse.parse_qsl(parts.query) if key.lower() in SECRET_QUERY_KEYS and value]
-    found += [urllib.parse.quote(s, safe="") for s in found] + [urllib.parse.unquote(s) for s in found]
+    userinfo = USERINFO.match(uri)
+    if userinfo and userinfo["password"]:
+        found.append(userinfo["password"])
+    elif userinfo and userinfo["user"] and uri.startswith(("http://", "https://")):
+        found.append(userinfo["user"])
+    query = uri.partition("?")[2].partition("#")[0]
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if urllib.parse.unquote(key).lower() in SECRET_QUERY_KEYS and value:
+            found.append(value)
+    found += [urllib.parse.unquote_plus(s) for s in found] + [urllib.parse.unquote(s) for s in found]
+    found += [urllib.parse.quote(s, safe="") for s in found]
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 def redact(text: str, uri: str | None = None) -> str:
-    """`text` with every secret of the store's address masked: those of four characters or more
-    wherever they stand, shorter ones where an address puts them (`:pw@`, `tok@`, `=pw`)."""
+    """`text` with every secret of the store's address masked: those of eight characters or more
+    wherever they stand, shorter ones where an address puts them (`:pw@`, `//tok@`, `=pw` before
+    the next `&`, space, quote or the end)."""
     for secret in secrets(uri):
-        for context in (f":{secret}@", f"//{secret}@", f"={secret}"):
-            text = text.replace(context, context.replace(secret, MASK))
-        if len(secret) >= 4:
+        if len(secret) >= 8:
             text = text.replace(secret, MASK)
+            continue
+        quoted = re.escape(secret)
+        text = re.sub(f"(?<=:){quoted}(?=@)|(?<=//){quoted}(?=@)|(?<==){quoted}(?=[&\\s'\")]|$)", MASK, text)
     return text
 
 

@@ -156,7 +156,7 @@ class SweepCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
         jobs = [list(o) for batch in BasicSweeper.split_arguments(parsed, None) for o in batch]
-        with ending():  # Hydra turns a callback's exception into a warning and goes on: a sweep that cannot start stops here
+        with ending(close_open_sweep):  # Hydra turns a callback's exception into a warning and goes on: a sweep stops here
             self._start(config, jobs, [loader.load_sweep_config(config, o) for o in jobs])
 
     def _start(self, config: DictConfig, jobs: list[list[str]], configs: list[DictConfig]) -> None:
@@ -195,13 +195,13 @@ class SweepCallback(Callback):
             raise JobFailed(f"could not open the sweep in {store.shown_uri()}: {one_line(error)}") from None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with ending():
+        with ending(close_open_sweep):
             hydra_folder("hydra.run.dir", Path(config.hydra.run.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        with ending():
+        with ending(close_open_sweep):
             self._end(Path(config.hydra.sweep.dir))
 
     def _end(self, sweep_dir: Path) -> None:

@@ -199,14 +199,18 @@ def quantized_input_widths(weights: Weights) -> set[int]:
 
     from falcon_exp.quantization import KEEP_FULL_PRECISION, quantizable_linears
 
-    if weights.kind == "synthetic":
-        config = architecture_config(str(weights.architecture))
-    elif weights.source and Path(weights.source).is_dir():
-        config = AutoConfig.from_pretrained(weights.source)
-    else:
-        return set()
-    with init_empty_weights(), quantizable_linears():
-        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        if weights.kind == "synthetic":
+            config = architecture_config(str(weights.architecture))
+        elif weights.source and Path(weights.source).is_dir():
+            config = AutoConfig.from_pretrained(weights.source)
+        else:
+            return set()
+        with init_empty_weights(), quantizable_linears():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, OSError, KeyError) as error:  # a config.json transformers cannot build a model from
+        raise ConfigError(f"model.path={weights.source!r} holds a config.json transformers cannot build a model from "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     return {m.in_features for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION}
 
 

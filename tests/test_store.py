@@ -16,6 +16,9 @@ from falcon_exp import store
     ("postgresql://falcon:p%40ss@db:5432/mlflow", "postgresql://falcon:***@db:5432/mlflow"),
     ("postgresql://falcon@db/mlflow?sslmode=require&password=hunter22", "postgresql://falcon@db/mlflow?sslmode=require&password=***"),
     ("postgresql://falcon@db/mlflow", "postgresql://falcon@db/mlflow"),  # a database user alone is no secret
+    ("postgresql://alice:s3cr/t?#x@db/mlflow", "postgresql://alice:***@db/mlflow"),  # SQLAlchemy reads a password up to the @
+    ("postgresql://u@db/m?password=se+cret&key=abcdef", "postgresql://u@db/m?password=***&key=abcdef"),
+    ("postgresql://u@db/m?password=abc&key=abcdef", "postgresql://u@db/m?password=***&key=abcdef"),  # not a prefix elsewhere
     ("sqlite:///mlruns/mlflow.db", "sqlite:///mlruns/mlflow.db"),
 ])
 def test_an_address_is_shown_without_its_secrets(uri, shown):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from falcon_exp.analysis import analyse
@@ -11,12 +12,10 @@ from falcon_exp.checks import writable_folder
 from falcon_exp.console import say_error, stop_on_signals, stopped_by
 from falcon_exp.errors import FalconExpError
 from falcon_exp.failures import exit_code
+from falcon_exp.store import redact
 
 
 def main(argv: list[str] | None = None) -> int:
-    from falcon_exp.store import shown_uri, tracking_uri
-    from falcon_exp.tracking import log_figures
-
     parser = argparse.ArgumentParser(prog="falcon-exp-analysis", description=__doc__)
     parser.add_argument("--experiment", default="falcon-exp", help="MLflow experiment (default: falcon-exp)")
     parser.add_argument("--sweep", default="latest", help="a sweep's parent run id, 'latest' (default), or 'all' for every run")
@@ -24,11 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: ./figures)")
     parser.add_argument("--log", action="store_true", help="also log the files to the sweep's parent run")
     args = parser.parse_args(argv)
-    uri = tracking_uri()
     stop_on_signals()
     try:
-        writable_folder(f"--out {str(args.out)!r}", args.out, "give a folder the tables and figures can be written to")
-        loaded, written = analyse(uri, args.out, args.experiment, None if args.sweep == "all" else args.sweep, args.filter)
+        return _analyse(args)
     except FalconExpError as error:
         say_error(error)
         return exit_code(error)
@@ -38,6 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # files are written whole or not at all: nothing half-written is left
         say_error(f"stopped by {stopped_by(error)}; no file was left half-written")
         return exit_code(error)
+    except Exception as error:  # noqa: BLE001 - a fault of the analysis or of MLflow: its traceback, without secrets
+        print(redact("".join(traceback.format_exception(error))), file=sys.stderr, flush=True)
+        return exit_code(error)
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    from falcon_exp.store import shown_uri, tracking_uri
+    from falcon_exp.tracking import log_figures
+
+    uri = tracking_uri()
+    writable_folder(f"--out {str(args.out)!r}", args.out, "give a folder the tables and figures can be written to")
+    loaded, written = analyse(uri, args.out, args.experiment, None if args.sweep == "all" else args.sweep, args.filter)
     print(f"read {len(loaded.runs)} runs of {loaded.source} from {shown_uri(uri)}")
     for line in loaded.skipped:
         print(f"left out: {line}")
