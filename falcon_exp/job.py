@@ -96,7 +96,7 @@ def _check_backend(config: JobConfig, device: str, weights: Weights) -> None:
     except ImportError:
         raise ConfigError('quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp[torchao]"') from None
     group = config.quantization.group_size
-    widths = quantized_input_widths(weights) if config.bits == 4 else set()
+    widths = quantized_input_widths(weights) if config.bits == 4 else frozenset()
     if undivided := sorted(w for w in widths if w % group):
         fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
         raise ConfigError(f"quantization.group_size={group} does not divide {config.model.name}'s layer input width "

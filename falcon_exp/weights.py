@@ -10,6 +10,7 @@ checkpoint's own `quantization_config` if it has one, and its context length.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -189,10 +190,16 @@ def resolve_pretrained(model: ModelConfig) -> str:
     return model.path
 
 
-def quantized_input_widths(weights: Weights) -> set[int]:
+def quantized_input_widths(weights: Weights) -> frozenset[int]:
     """The input widths of the linear layers a quantizer replaces (all but the output head), read
     from the model's config on an empty skeleton; none where the config is not on disk yet (a hub
-    id still to download: the loaded model's verification finds a layer left out)."""
+    id still to download: the loaded model's verification finds a layer left out). Built once per
+    weights in a process: a sweep resolves each job before it starts, and again as it runs."""
+    return _input_widths(weights.identity, weights.kind, weights.source, weights.architecture)
+
+
+@functools.lru_cache(maxsize=8)
+def _input_widths(identity: str, kind: str, source: str | None, architecture: str | None) -> frozenset[int]:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -200,18 +207,19 @@ def quantized_input_widths(weights: Weights) -> set[int]:
     from falcon_exp.quantization import KEEP_FULL_PRECISION, quantizable_linears
 
     try:
-        if weights.kind == "synthetic":
-            config = architecture_config(str(weights.architecture))
-        elif weights.source and Path(weights.source).is_dir():
-            config = AutoConfig.from_pretrained(weights.source)
+        if kind == "synthetic":
+            config = architecture_config(str(architecture))
+        elif source and Path(source).is_dir():
+            config = AutoConfig.from_pretrained(source)
         else:
-            return set()
+            return frozenset()
         with init_empty_weights(), quantizable_linears():
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, OSError, KeyError) as error:  # a config.json transformers cannot build a model from
-        raise ConfigError(f"model.path={weights.source!r} holds a config.json transformers cannot build a model from "
+        raise ConfigError(f"model.path={source!r} holds a config.json transformers cannot build a model from "
                           f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    return {m.in_features for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION}
+    return frozenset(m.in_features for n, m in skeleton.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION)
 
 
 def architecture_config(name: str) -> PretrainedConfig:
