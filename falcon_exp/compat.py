@@ -33,11 +33,29 @@ def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
 # them out of its identity, so that resume=true still finds those runs. Removed in 1.0.
 NOT_IN_01_IDENTITIES = ("quantization.backend", "quantization.group_size", "quantization.torchao_8bit")
 
+# Settings added in 0.3: at the default the package ships they stay out of a job's identity, so
+# that resume=true still finds the runs logged before them. Removed in 1.0.
+ADDED_IN_03 = ("noise.max_ratio", "noise.max_cpu_wait", "noise.reruns")
+
+
+def added_at_default(flat: dict) -> set[str]:
+    """The keys of ADDED_IN_03 that hold the packaged default in these params."""
+    import yaml
+
+    from falcon_exp.config import CONF_DIR, flatten
+
+    defaults = flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()))
+    return {key for key in ADDED_IN_03 if key in flat and flat[key] == defaults[key]}
+
+
 # 0.1's metric names, read by the analysis under today's (same meaning). Removed in 0.4.
 RENAMED_METRICS = {
     "time/tokens_per_s": schema.E2E_TOKENS_PER_S,
     "sample/time/tokens_per_s": schema.sample(schema.E2E_TOKENS_PER_S),
 }
+
+# Up to 0.2 the read bandwidth was a large reduction's, and runs did not say so. Removed in 0.4.
+READ_METHOD_BEFORE_03 = "reduction"
 
 # 0.1's runs logged neither backend nor scheme: bitsandbytes was the only backend, and the scheme
 # followed from the mode. Removed in 0.4.

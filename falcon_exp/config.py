@@ -2,7 +2,7 @@
 
 The YAML under falcon_exp/conf/ is the one source of defaults; the frozen dataclasses here have
 its shape (top-level `bits`, `max_length`, ...; sections `model`, `prompts`, `generation`,
-`quantization`, `quality`, `tracking`) and only validate. `JobConfig.from_hydra` rejects bad input
+`quantization`, `quality`, `noise`, `tracking`) and only validate. `JobConfig.from_hydra` rejects bad input
 with one line naming the bad value and the allowed ones, before any model, tokenizer or tracking
 run exists.
 """
@@ -154,6 +154,22 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class NoiseConfig:
+    """When a timed generation counts as disturbed by a busy machine, and how often it is run again (falcon_exp/noise.py)."""
+
+    max_ratio: float  # over this many times its prompt's quickest decode time per token
+    max_cpu_wait: float  # or its threads waited for a CPU over this share of its time
+    reruns: int  # runs again of an off generation, at most
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_ratio, bool) or not isinstance(self.max_ratio, (int, float)) or not self.max_ratio > 1:
+            raise ConfigError(f"noise.max_ratio={self.max_ratio!r} is not allowed; it must be a number > 1")
+        if isinstance(self.max_cpu_wait, bool) or not isinstance(self.max_cpu_wait, (int, float)) or not 0 < self.max_cpu_wait <= 1:
+            raise ConfigError(f"noise.max_cpu_wait={self.max_cpu_wait!r} is not allowed; it must be a number in (0, 1]")
+        integer("noise.reruns", self.reruns, minimum=0)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str  # the MLflow experiment; the store comes from MLFLOW_TRACKING_URI
 
@@ -207,6 +223,7 @@ class JobConfig:
     generation: GenerationConfig
     quantization: QuantizationConfig
     quality: QualityConfig
+    noise: NoiseConfig
     tracking: TrackingConfig
     flat: dict = field(compare=False)  # the params: dotted keys, as resolved
 
@@ -243,7 +260,7 @@ class JobConfig:
         model = ModelConfig.from_dict(model_raw)
         sections = {"model": model, "prompts": PromptsConfig.from_dict(raw.get("prompts") or {})}
         for name, kind in (("generation", GenerationConfig), ("quantization", QuantizationConfig), ("quality", QualityConfig),
-                           ("tracking", TrackingConfig)):
+                           ("noise", NoiseConfig), ("tracking", TrackingConfig)):
             sections[name] = _build(kind, raw.get(name), name)
         top = {k: v for k, v in raw.items() if k not in sections}
         params = top | {k: dataclasses.asdict(v) for k, v in sections.items() if k != "prompts"}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from falcon_exp.cache import content_hash
-from falcon_exp.compat import NOT_IN_01_IDENTITIES
+from falcon_exp.compat import NOT_IN_01_IDENTITIES, added_at_default
 from falcon_exp.config import GROUP_SIZES, JobConfig, knobs
 from falcon_exp.errors import ConfigError
 from falcon_exp.quantization import differences, request_of_checkpoint
@@ -47,6 +47,7 @@ class Job:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
         skipped = {"resume"} | (set(NOT_IN_01_IDENTITIES) if self.config.quantization.backend == "bitsandbytes" else set())
+        skipped |= added_at_default(self.config.flat)
         return self._hash(lambda key: key not in skipped)
 
     @property

@@ -51,14 +51,17 @@ def experiment_id(name: str) -> str:
 
 def source_tags(tags: dict[str, str]) -> dict[str, str]:
     """The run's tags with MLflow's standard ones (source name and type, user, git commit) as
-    MLflow resolves them, so the UI's Source and Version columns are filled; where MLflow finds
-    no repository (an installed package) the commit falcon-exp knows is used."""
+    MLflow resolves them, so the UI's Source and Version columns are filled. A run carries one
+    commit: the one falcon-exp knows (FALCON_EXP_GIT_COMMIT, else the checkout's HEAD) is the
+    Version column's too, and MLflow's branch goes where it named another commit's."""
     from mlflow.tracking.context.registry import resolve_tags
 
     resolved = resolve_tags(tags)
     commit = tags.get(schema.TAG_GIT_COMMIT) or environment_commit()
-    if commit and commit != "unknown" and "mlflow.source.git.commit" not in resolved:
-        resolved["mlflow.source.git.commit"] = commit
+    if commit and commit != "unknown":
+        if resolved.get(schema.MLFLOW_GIT_COMMIT, commit) != commit:
+            resolved.pop(schema.MLFLOW_GIT_BRANCH, None)
+        resolved[schema.MLFLOW_GIT_COMMIT] = commit
     return resolved
 
 

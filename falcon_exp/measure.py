@@ -72,14 +72,42 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_TASKS = Path("/proc/self/task")
+
+
+def cpu_wait_seconds() -> float | None:
+    """Seconds this process's threads have spent ready to run but waiting for a CPU (the second
+    field of Linux's /proc/self/task/*/schedstat); None where the kernel does not report it.
+    Another busy process on the machine is what makes it grow."""
+    total = 0
+    try:
+        tasks = list(_TASKS.iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except FileNotFoundError:
+            if task.exists():  # a kernel without schedstat; else a thread that ended meanwhile
+                return None
+        except (OSError, IndexError, ValueError):
+            return None
+    return total / 1e9
+
+
 def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str) -> tuple[Timing, list[int]]:
     """One greedy generation by a falcon_exp.decode decoder, timed. Returns (Timing, token ids)."""
     clock = Clock(device)
     synchronize(device)
+    waited = cpu_wait_seconds()
     clock.mark()
     generated = decoder.generate(input_ids, new_tokens, force_length, on_token=clock.mark)
     clock.mark()
     start, *stamps, end = clock.seconds()
+    after = cpu_wait_seconds()
+    computing = torch.get_num_threads() if device == "cpu" else 1  # on a GPU, the thread that launches its work
+    # a thread that ended during the generation takes its wait out of the sum: never below 0
+    wait_share = max(0.0, after - waited) / (end * computing) if waited is not None and after is not None else float("nan")
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     timing = Timing(
         prompt_tokens=int(input_ids.shape[1]),
@@ -88,6 +116,7 @@ def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, f
         ttft_ms=stamps[0] * 1e3,
         decode_ms_per_token=decode * 1e3,
         e2e_tokens_per_s=len(generated) / end,
+        cpu_wait_share=wait_share,
     )
     return timing, generated
 

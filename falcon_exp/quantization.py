@@ -250,18 +250,18 @@ def _layer_findings(module: torch.nn.Module, config: JobConfig, torchao_subclass
 
 def _torchao_findings(weight: torch.Tensor, config: JobConfig, subclass: str) -> tuple[dict, dict]:
     """torchao's weight against the request: its tensor subclass, the bytes of its data (int4: two
-    weights a byte), the group a scale covers (int4: group_size; 8-bit: a row), whether
-    activations are quantized too."""
+    weights a byte), the block a scale covers (int4: one row's group_size weights; 8-bit: one
+    whole row, so that a per-tensor scale is refused), whether activations are quantized too."""
     rows, columns = weight.shape
     subclass_found = is_traceable_wrapper_subclass(weight)
     data = getattr(weight, "qdata", None) if subclass_found else None
     if subclass == "Int4TilePackedTo4dTensor":  # tinygemm's layout pads rows to 8 and columns to 1024 (the padding is read too)
         rows, columns = -(-rows // 8) * 8, -(-columns // 1024) * 1024
     asked = {"weight": subclass, "data bytes": rows * columns // (2 if config.bits == 4 else 1),
-             "group": config.quantization.group_size if config.bits == 4 else weight.shape[1],
+             "scale block": (1, config.quantization.group_size if config.bits == 4 else columns),
              "activations": "quantized" if config.scheme == "float8_dynamic_activation" else "as they are"}
     found = {"weight": type(weight).__name__, "data bytes": None if data is None else data.numel() * data.element_size(),
-             "group": (getattr(weight, "block_size", None) or [None])[-1],
+             "scale block": tuple(getattr(weight, "block_size", None) or ()) or None,
              "activations": "quantized" if getattr(weight, "act_quant_kwargs", None) is not None else "as they are"}
     return asked, found
 

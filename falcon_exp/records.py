@@ -18,6 +18,7 @@ class Timing:
     ttft_ms: float
     decode_ms_per_token: float
     e2e_tokens_per_s: float  # new tokens over the whole call, prefill included
+    cpu_wait_share: float  # the threads' wait for a CPU over the wall time (schema.CPU_WAIT_SHARE); nan where not reported
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,15 @@ class Sample:
     memory: dict[str, float]  # peaks during this generation alone, by metric name
     floor_ms_per_token: float  # bytes this generation's decode steps read / read bandwidth
     roofline_fraction: float  # that floor over the measured decode time
+
+
+@dataclass(frozen=True)
+class Noise:
+    """What the noise check found (falcon_exp/noise.py)."""
+
+    first_tries: list[Sample]  # generations found off and run again: their first tries, kept apart
+    still_off: int  # kept generations still off after the re-runs
+    said: str | None  # what was found and done, for the run's tag; None on a quiet run
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,10 @@ class QuantizationReport:
 class Bandwidth:
     """A device's measured bandwidths, in bytes/s."""
 
-    read: float  # a large reduction's bytes read per second: the floor's denominator
+    read: float  # the fastest read of a large buffer, bytes per second: the floor's denominator
     copy: float  # a large copy's bytes read plus written per second
+    read_method: str  # the way of reading that was fastest (falcon_exp/roofline.py READS)
+    readings: dict[str, float]  # bytes read per second by each way
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,19 @@ class JobResult:
     warmup_tokens: int  # generated untimed before the first timed generation
     cpu_kernel: str | None  # bitsandbytes' CPU kernel for this mode, on a CPU run
     int8_outliers: dict[str, float]  # LLM.int8's outlier path in the last decode step, by metric name; empty if none ran
+    noise: Noise
 
     def columns(self) -> dict[str, list[float]]:
         """Each per-sample metric's values, in the order of `samples`."""
-        timing = {schema.TTFT_MS: "ttft_ms", schema.DECODE_MS_PER_TOKEN: "decode_ms_per_token", schema.GENERATE_S: "generate_s",
-                  schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s", schema.PROMPT_TOKENS: "prompt_tokens", schema.NEW_TOKENS: "new_tokens"}
-        columns = {key: [getattr(s.timing, field) for s in self.samples] for key, field in timing.items()}
-        columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in self.samples]
-        columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in self.samples]
-        return columns | {key: [s.memory[key] for s in self.samples] for key in self.samples[0].memory}
+        return _columns(self.samples)
+
+    def dropped_columns(self) -> dict[str, list[float]]:
+        """The first tries the noise check replaced, under `dropped/<name>`, with their prompt and repetition."""
+        tries = self.noise.first_tries
+        if not tries:
+            return {}
+        return ({schema.dropped(key): values for key, values in _columns(tries).items()}
+                | {schema.DROPPED_PROMPT: [s.prompt_index for s in tries], schema.DROPPED_REPETITION: [s.repetition for s in tries]})
 
     def figures(self) -> dict[str, float]:
         """The run's figures by metric name: token totals; the median of the floor and of every
@@ -85,7 +101,7 @@ class JobResult:
         for key, values in self.columns().items():
             if key in schema.TOKENS:
                 figures[schema.total(key)] = sum(values)
-            elif (key == schema.FLOOR_MS_PER_TOKEN or key in schema.TIMED) and (middle := median(values)) is not None:
+            elif (key in (schema.FLOOR_MS_PER_TOKEN, schema.CPU_WAIT_SHARE) or key in schema.TIMED) and (middle := median(values)) is not None:
                 figures[key] = middle
                 by_prompt: dict[int, list[float]] = {}
                 for sample, value in zip(self.samples, values):
@@ -98,8 +114,21 @@ class JobResult:
         figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
         figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}
         figures |= self.int8_outliers | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
+        figures |= {schema.NOISE_RERUN: len(self.noise.first_tries), schema.NOISE_OFF: self.noise.still_off}
+        figures |= {schema.read_bandwidth(method): value / 1e9 for method, value in self.bandwidth.readings.items()}
         return figures | {schema.READ_BANDWIDTH_GBS: self.bandwidth.read / 1e9, schema.COPY_BANDWIDTH_GBS: self.bandwidth.copy / 1e9,
                           schema.WEIGHT_BYTES_PER_STEP_GB: self.weight_bytes_per_step / 1e9, schema.KV_BYTES_PER_TOKEN: self.kv_bytes_per_token}
+
+
+def _columns(samples: list[Sample]) -> dict[str, list[float]]:
+    timing = {schema.TTFT_MS: "ttft_ms", schema.DECODE_MS_PER_TOKEN: "decode_ms_per_token", schema.GENERATE_S: "generate_s",
+              schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s", schema.PROMPT_TOKENS: "prompt_tokens", schema.NEW_TOKENS: "new_tokens"}
+    columns = {key: [getattr(s.timing, field) for s in samples] for key, field in timing.items()}
+    if any(s.timing.cpu_wait_share == s.timing.cpu_wait_share for s in samples):  # where Linux reports it
+        columns[schema.CPU_WAIT_SHARE] = [s.timing.cpu_wait_share for s in samples]
+    columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in samples]
+    columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in samples]
+    return columns | {key: [s.memory[key] for s in samples] for key in samples[0].memory}
 
 
 @dataclass(frozen=True)

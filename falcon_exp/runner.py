@@ -2,16 +2,17 @@
 
 In order: the device's bandwidth (before the weights take its memory), the quality reference
 (before this job's model loads, since computing it may load the unquantized model in its place),
-the model, the decoder, a warm-up, the timed generations, the quality of what came out.
+the model, the decoder, a warm-up, the timed generations (those a busy machine disturbed run again),
+the quality of what came out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from falcon_exp import quality, roofline
+from falcon_exp import noise, quality, roofline
 from falcon_exp.config import JobConfig
 from falcon_exp.console import log
 from falcon_exp.decode import Decoder, decoder_for
@@ -39,6 +40,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     warmup_tokens = bench.warm_up()
     probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
     samples, first_outputs = bench.timed(probe)
+    rerun = lambda off: bench.sample(off.prompt_index, off.repetition, probe)[0]
+    samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
     outliers = int8_outliers(model)  # before quality's forward passes overwrite the layers' last matmul
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
     return JobResult(
@@ -57,6 +60,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         warmup_tokens=warmup_tokens,
         cpu_kernel=cpu_kernel(job.config) if job.device == "cpu" else None,
         int8_outliers=outliers,
+        noise=found,
     )
 
 
@@ -79,6 +83,7 @@ class _Bench:
     inputs: list[torch.Tensor]
     weights_step: int  # weight bytes a decode step reads
     read_bandwidth: float
+    warm_ms: dict[int, list[float]] = field(default_factory=dict)  # each prompt's warm-up decode times, ms/token
 
     @property
     def config(self) -> JobConfig:
@@ -91,32 +96,39 @@ class _Bench:
     def warm_up(self) -> int:
         """Every prompt at its full length, untimed, so that no timed generation is the first of
         its prompt's shapes (kernel choice, caches) or grows the allocator further. Returns the
-        tokens generated."""
-        return sum(len(self.generate(index)[1]) for _ in range(self.config.warmup) for index in range(len(self.inputs)))
+        tokens generated; keeps each pass's decode time for the noise check (`warm_ms`)."""
+        tokens = 0
+        for _ in range(self.config.warmup):
+            for index in range(len(self.inputs)):
+                timing, generated = self.generate(index)
+                self.warm_ms.setdefault(index, []).append(timing.decode_ms_per_token)
+                tokens += len(generated)
+        return tokens
 
     def timed(self, probe: MemoryProbe) -> tuple[list[Sample], list[list[int]]]:
         """Repetitions outermost, so that drift spreads over prompts; returns the samples (by
         prompt, then repetition) and each prompt's first timed continuation."""
         samples: list[Sample] = []
         first: dict[int, list[int]] = {}
-        count, repetitions = len(self.inputs), self.config.repetitions
-        for repetition in range(repetitions):
-            for index in range(count):
-                probe.reset()
-                timing, generated = self.generate(index)
-                memory = probe.read()
+        for repetition in range(self.config.repetitions):
+            for index in range(len(self.inputs)):
+                sample, generated = self.sample(index, repetition, probe)
                 first.setdefault(index, generated)
-                samples.append(self._sample(index, repetition, timing, generated, memory))
-                log.info(f"prompt {index + 1}/{count} rep {repetition + 1}/{repetitions}: {timing.new_tokens} tokens in "
-                         f"{timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token, "
-                         f"{samples[-1].roofline_fraction:.2f} of the bandwidth floor)")
+                samples.append(sample)
         samples.sort(key=lambda s: (s.prompt_index, s.repetition))
-        return samples, [first[i] for i in range(count)]
+        return samples, [first[i] for i in range(len(self.inputs))]
 
-    def _sample(self, index: int, repetition: int, timing: Timing, generated: list[int], memory: dict[str, float]) -> Sample:
+    def sample(self, index: int, repetition: int, probe: MemoryProbe) -> tuple[Sample, list[int]]:
+        """One timed generation of a prompt, with its memory peaks and floor."""
+        probe.reset()
+        timing, generated = self.generate(index)
+        memory = probe.read()
         step = self.weights_step + self.decoder.kv_bytes_per_step(timing.prompt_tokens, timing.new_tokens)
         floor = roofline.floor_ms(step, self.read_bandwidth)
         output = self.job.prompts.tokenizer.decode(generated, skip_special_tokens=True)
-        return Sample(index, repetition, self.config.prompts.items[index], output, timing, memory, floor,
-                      roofline.fraction(floor, timing.decode_ms_per_token))
-
+        sample = Sample(index, repetition, self.config.prompts.items[index], output, timing, memory, floor,
+                        roofline.fraction(floor, timing.decode_ms_per_token))
+        log.info(f"prompt {index + 1}/{len(self.inputs)} rep {repetition + 1}/{self.config.repetitions}: {timing.new_tokens} tokens in "
+                 f"{timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token, {sample.roofline_fraction:.2f} of the bandwidth "
+                 "floor)")
+        return sample, generated

@@ -83,12 +83,18 @@ INT8_OUTLIER_LAYERS = "quant/int8_outlier_layers"  # count: int8 layers that spl
 INT8_OUTLIER_COLUMNS = "quant/int8_outlier_columns"  # columns split off, the mean over all int8 layers
 
 ROOFLINE = _metrics(
-    Metric("roofline/read_bandwidth_gbs", "GB/s", "bytes read per second by a large on-device reduction: the floor's denominator"),
+    Metric("roofline/read_bandwidth_gbs", "GB/s", "bytes read per second by the fastest of several reads of a large on-device "
+                                                   "buffer (tag falcon_exp.read_method names it): the floor's denominator"),
     Metric("roofline/copy_bandwidth_gbs", "GB/s", "bytes read plus written per second by a large on-device copy (for comparison)"),
     Metric("roofline/weight_bytes_per_step_gb", "GB", "weight bytes one decode step reads (one row of an untied input embedding)"),
     Metric("roofline/kv_bytes_per_token", "bytes", "KV-cache bytes the model stores per token of context"),
 )
 READ_BANDWIDTH_GBS, COPY_BANDWIDTH_GBS, WEIGHT_BYTES_PER_STEP_GB, KV_BYTES_PER_TOKEN = ROOFLINE
+
+
+def read_bandwidth(method: str) -> str:
+    """`roofline/read_bandwidth_gemv_bf16_gbs`: GB/s read by one way (falcon_exp/roofline.py READS)."""
+    return f"roofline/read_bandwidth_{method}_gbs"
 
 # Quality against the unquantized reference (falcon_exp/quality.py).
 KL_MEAN = "quality/kl_mean"
@@ -105,6 +111,28 @@ def perplexity(lang: str) -> str:
 
 def perplexity_ratio(lang: str) -> str:
     return f"quality/perplexity_{lang}_ratio"
+
+
+# A busy machine, said (falcon_exp/noise.py).
+CPU_WAIT_SHARE = "noise/cpu_wait_share"
+NOISE_RERUN = "noise/rerun_generations"
+NOISE_OFF = "noise/off_generations"
+NOISE = _metrics(
+    Metric(CPU_WAIT_SHARE, "1", "per generation, the time this process's threads were ready to run but waited for a CPU (Linux "
+                                "schedstat), over the wall time x the threads that compute (torch's on a CPU run, one on a GPU "
+                                "run); the run's: the median. 0 on a quiet machine; another busy process raises it"),
+    Metric(NOISE_RERUN, "count", "generations found off (noise.max_ratio, noise.max_cpu_wait) and run again; the first tries are "
+                                 "logged as dropped/<name>, never among the samples"),
+    Metric(NOISE_OFF, "count", "kept generations still off after the re-runs (the run is then tagged falcon_exp.noise)"),
+)
+DROPPED = "dropped/"  # a re-run generation's first try, at step = the order it was dropped in
+DROPPED_PROMPT = "dropped/prompt_index"  # which prompt and repetition that first try was (from 0)
+DROPPED_REPETITION = "dropped/repetition"
+
+
+def dropped(key: str) -> str:
+    """`dropped/time/decode_ms_per_token`: a sample metric of a generation the noise check replaced."""
+    return f"{DROPPED}{key}"
 
 
 SAMPLE = "sample/"
@@ -124,6 +152,7 @@ CONDITIONAL = {
     PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
     INT8_OUTLIER_LAYERS: "in 8 bits with an outlier threshold above 0", INT8_OUTLIER_COLUMNS: "as int8_outlier_layers",
+    CPU_WAIT_SHARE: "where Linux reports each thread's run-queue wait (/proc/self/task/*/schedstat)",
 }
 
 # Tags.
@@ -139,6 +168,8 @@ TAG_QUANTIZATION_SOURCE = "falcon_exp.quantization_source"
 TAG_BNB_KERNEL = "falcon_exp.bnb_cpu_kernel"
 TAG_UNMEASURED = "falcon_exp.unmeasured"
 TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
+TAG_READ_METHOD = "falcon_exp.read_method"  # the way of reading that gave roofline/read_bandwidth_gbs
+TAG_NOISE = "falcon_exp.noise"  # what the noise check found, when it found a generation off
 TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
 # On a sweep's parent run: the ids of earlier runs that stand for the jobs resume=true skipped,
 # space-separated, 200 a tag (then in falcon_exp.reused_runs.1, .2, ...).
@@ -154,6 +185,8 @@ TAG_UNTESTED_VERSIONS = "falcon_exp.untested_versions"
 # The machine and software that produced a run (falcon_exp/environment.py).
 TAG_GIT_COMMIT = "git.commit"
 TAG_GIT_DIRTY = "git.dirty"  # true, false, or unknown (a commit named by FALCON_EXP_GIT_COMMIT)
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own (the UI's Version column): always TAG_GIT_COMMIT's value
+MLFLOW_GIT_BRANCH = "mlflow.source.git.branch"
 TAG_HOST = "host"
 TAG_PYTHON = "python"
 TAG_CPU = "cpu"
@@ -186,4 +219,5 @@ CONDITIONAL |= {
     TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
     TAG_SLURM_JOB: "in a SLURM job",
     TAG_REUSED_RUNS: "on a resumed sweep's parent run, when resume=true skipped a job",
+    TAG_NOISE: "when a generation was off: which, by how much, the likely cause, what was re-run",
 }

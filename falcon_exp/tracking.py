@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 def _metrics_of(job: Job, result: JobResult) -> list[Metric]:
     """Every metric of a finished job: each sample's at step `prompt_index * repetitions +
-    repetition` under `sample/<name>`, and the run's figures at step 0."""
+    repetition` under `sample/<name>`, the first tries the noise check replaced under
+    `dropped/<name>` at step 0, 1, ..., and the run's figures at step 0."""
     from mlflow.entities import Metric
 
     now, reps = int(time.time() * 1000), job.config.repetitions
     points = [Metric(schema.sample(key), float(value), now, sample.prompt_index * reps + sample.repetition)
               for key, values in result.columns().items() for sample, value in zip(result.samples, values)]
+    points += [Metric(key, float(value), now, step) for key, values in result.dropped_columns().items() for step, value in enumerate(values)]
     return points + [Metric(key, float(value), now, 0) for key, value in result.figures().items()]
 
 
@@ -36,7 +38,10 @@ def _tags_of(result: JobResult) -> dict[str, str]:
         schema.TAG_MODEL_REUSED: str(result.load_s is None).lower(),
         schema.TAG_QUANTIZATION_REALISED: result.report.realised,
         schema.TAG_DEVICE: result.device,
+        schema.TAG_READ_METHOD: result.bandwidth.read_method,
     }
+    if result.noise.said:
+        tags[schema.TAG_NOISE] = result.noise.said
     if result.fast_fallback:
         tags[schema.TAG_FAST_FALLBACK] = result.fast_fallback
     if result.cpu_kernel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import time
 
 import pandas as pd
@@ -52,22 +53,32 @@ def test_two_runs_in_two_folders_write_identical_figures_and_tables(tmp_path, sw
     table = (tmp_path / "a" / "figures" / "comparison.md").read_text()
     assert "| nf4 |" in table and "| int8 |" in table and "| bf16 |" in table
     assert "KL vs ref" in table and "ppl zh" in table
-    assert "spread between repetitions" in table  # the table says what its ± is over
+    assert "the lowest, the highest of the repetitions' medians" in table  # the table says what its range is over
+    assert "decode ms/token vs bf16" in table.splitlines()[0] and "/ bf16" not in table.splitlines()[0]
     results = pd.read_csv(tmp_path / "a" / "figures" / "results.csv")
     assert set(zip(results["mode"], results["backend"])) == {("nf4", "bitsandbytes"), ("int8", "bitsandbytes"), ("bf16", "none")}
     assert "backend" not in table.splitlines()[0]  # one backend and the baseline: nothing to tell apart
 
 
 def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
     from falcon_exp.analysis import tables
     from falcon_exp.analysis.load import load
 
     loaded = load(sweep_store)
-    table = tables.comparison(loaded.runs)
+    table = tables.comparison(loaded.runs, loaded.samples)
     runs, _ = runs_of(sweep_store)
     by_config = {(r.data.params["mode"], int(r.data.params["max_length"])): r.data.metrics
                  for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert len(table) == len(by_config) == 6
+    medians_of_repetitions = {}
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            history = MlflowClient(sweep_store).get_metric_history(run.info.run_id, "sample/time/decode_ms_per_token")
+            reps = int(run.data.params["repetitions"])
+            by_rep = [statistics.median(p.value for p in history if p.step % reps == r) for r in range(reps)]
+            medians_of_repetitions[(run.data.params["mode"], int(run.data.params["max_length"]))] = {(min(by_rep), max(by_rep))}
     for row in table.to_dict("records"):
         logged = by_config[(row["mode"], row["max_length"])]
         for key in ("memory/weights_gb", "time/decode_ms_per_token", "time/decode_ms_per_token.rep_std", "time/ttft_ms",
@@ -76,6 +87,9 @@ def test_table_numbers_are_the_logged_metrics(tmp_path, sweep_store, monkeypatch
         assert row["memory/peak_gb"] == logged["memory/peak_rss_gb"]
         reference = by_config[("bf16", row["max_length"])]
         assert row["time/decode_ms_per_token / bf16"] == logged["time/decode_ms_per_token"] / reference["time/decode_ms_per_token"]
+        # the range between repetitions: each repetition's median over the prompts, lowest and highest (a time: above zero)
+        low, high = row["time/decode_ms_per_token" + tables.REP_LOW], row["time/decode_ms_per_token" + tables.REP_HIGH]
+        assert 0 < low <= high and (low, high) in medians_of_repetitions[(row["mode"], row["max_length"])]
     analyse_in(tmp_path / "c", sweep_store, monkeypatch, capsys)
     csv = pd.read_csv(tmp_path / "c" / "figures" / "comparison.csv")
     for row, written in zip(table.to_dict("records"), csv.to_dict("records")):

@@ -132,17 +132,27 @@ def test_the_fast_path_reads_its_whole_static_cache_at_every_step(tiny):
 
 
 def test_bandwidth_is_measured_once_per_machine_read_and_copy(tmp_path, monkeypatch):
+    """The read bandwidth is the fastest of the ways in READS, each kept; a cache made by other
+    ways (or an earlier release's copy figure) is measured anew, never reused silently."""
     monkeypatch.setenv("FALCON_EXP_CACHE", str(tmp_path))
     first = roofline.bandwidth("cpu")
-    known = json.loads((tmp_path / "bandwidth.json").read_text())
-    assert list(known.values()) == [{"read": first.read, "copy": first.copy}] and 1e8 < first.read < 1e13 and 1e8 < first.copy < 1e13
-    (tmp_path / "bandwidth.json").write_text(json.dumps({k: {"read": 123.0, "copy": 456.0} for k in known}))
-    assert roofline.bandwidth("cpu") == Bandwidth(read=123.0, copy=456.0)  # read back, not measured again
-    (tmp_path / "bandwidth.json").write_text(json.dumps({k: 789.0 for k in known}))  # an earlier release's copy figure
+    (entry,) = json.loads((tmp_path / "bandwidth.json").read_text()).values()
+    assert set(entry["readings"]) == set(roofline.READS) and entry["methods"] == roofline.METHODS
+    assert first.read == max(first.readings.values()) == first.readings[first.read_method] and 1e8 < first.read < 1e13
+    assert 1e8 < first.copy < 1e13
+    cached = json.loads((tmp_path / "bandwidth.json").read_text())
+    for entry in cached.values():
+        entry |= {"read": 123.0, "copy": 456.0, "read_method": "reduction", "readings": {"reduction": 123.0}}
+    (tmp_path / "bandwidth.json").write_text(json.dumps(cached))
+    assert roofline.bandwidth("cpu") == Bandwidth(read=123.0, copy=456.0, read_method="reduction", readings={"reduction": 123.0})
+    for entry in cached.values():
+        entry["methods"] = "reduction"  # measured by this release's predecessor, the reduction alone
+    (tmp_path / "bandwidth.json").write_text(json.dumps(cached))
+    assert roofline.bandwidth("cpu").read != 123.0
+    (tmp_path / "bandwidth.json").write_text(json.dumps({k: 789.0 for k in cached}))  # an earlier release's copy figure
     assert roofline.bandwidth("cpu").read != 789.0  # measured anew: that file had no read bandwidth
 
 
-@pytest.mark.slow
 def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_file(tmp_path):
     """Three processes start together on an empty cache: one measures (the others would slow its
     measurement and theirs), the others wait and read its figures."""
@@ -181,15 +191,17 @@ def test_bitsandbytes_int8_cast_warning_is_logged_once(caplog):
 def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
     """Decoding faster than the floor allows means the floor's bytes or bandwidth are wrong."""
     from falcon_exp.quantization import inspect
-    from falcon_exp.records import JobResult, Sample, Timing
+    from falcon_exp.records import JobResult, Noise, Sample, Timing
     from falcon_exp.tracking import _tags_of
 
     job, model = tiny
-    timing = Timing(prompt_tokens=5, new_tokens=8, generate_s=0.1, ttft_ms=10.0, decode_ms_per_token=1.0, e2e_tokens_per_s=80.0)
+    timing = Timing(prompt_tokens=5, new_tokens=8, generate_s=0.1, ttft_ms=10.0, decode_ms_per_token=1.0, e2e_tokens_per_s=80.0,
+                    cpu_wait_share=0.0)
     samples = [Sample(0, r, "p", "o", timing, {}, floor, floor / 1.0) for r, floor in enumerate((0.8, 1.25))]
     result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model), load_s=1.0, device="cpu", quality={},
-                       decode_path="eager", fast_fallback=None, bandwidth=Bandwidth(read=1e9, copy=1e9), weight_bytes_per_step=1,
-                       kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={})
+                       decode_path="eager", fast_fallback=None, weight_bytes_per_step=1,
+                       bandwidth=Bandwidth(read=1e9, copy=1e9, read_method="reduction", readings={}),
+                       kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={}, noise=Noise([], 0, None))
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning
     assert "falcon_exp.roofline_warning" not in _tags_of(dataclasses.replace(result, samples=samples[:1]))

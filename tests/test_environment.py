@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 from falcon_exp.environment import REPO, describe
 
@@ -15,6 +16,20 @@ def test_the_commit_comes_from_git_unless_the_environment_names_one(monkeypatch)
     # a copied tree whose .git is stale: the commit its runner names is the one that ran
     monkeypatch.setenv("FALCON_EXP_GIT_COMMIT", "0192655")
     assert describe("cpu")["git.commit"] == "0192655" and describe("cpu")["git.dirty"] == "unknown"
+
+
+def test_a_run_carries_one_commit_where_the_environment_names_it(monkeypatch):
+    """MLflow's Version column (mlflow.source.git.commit) read the checkout's HEAD while git.commit
+    read FALCON_EXP_GIT_COMMIT; the branch MLflow found belongs to that other commit."""
+    from falcon_exp import schema
+    from falcon_exp.lifecycle import source_tags
+
+    monkeypatch.setattr(sys, "argv", [str(REPO / "falcon_exp" / "__main__.py")])  # MLflow finds the checkout's HEAD from here
+    monkeypatch.delenv("FALCON_EXP_GIT_COMMIT", raising=False)
+    assert source_tags(describe("cpu"))[schema.MLFLOW_GIT_COMMIT] == describe("cpu")[schema.TAG_GIT_COMMIT]
+    monkeypatch.setenv("FALCON_EXP_GIT_COMMIT", "0192655")
+    tags = source_tags(describe("cpu"))
+    assert tags[schema.MLFLOW_GIT_COMMIT] == tags[schema.TAG_GIT_COMMIT] == "0192655" and schema.MLFLOW_GIT_BRANCH not in tags
 
 
 def test_an_untracked_file_makes_the_tree_dirty(monkeypatch):

@@ -236,6 +236,18 @@ def test_torchao_weights_are_verified_and_their_bytes_counted_from_what_they_sto
         verify(loaded.model, asked_otherwise, "cpu")
 
 
+def test_an_int8_scale_shared_by_the_whole_tensor_is_not_taken_for_one_per_row():
+    """torchao's Int8WeightOnlyConfig(PerTensor()) makes the same Int8Tensor, the same bytes but
+    one scale: the 8-bit request (a scale per output row) must find the difference."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerTensor
+
+    model = load_falcon(ask(16), make_quantizable=False)
+    quantize_(model, Int8WeightOnlyConfig(granularity=PerTensor()), filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and n != "lm_head")
+    with pytest.raises(QuantizationNotRealised, match=r"scale block asked \(1, \d+\), found \(\d+, \d+\) in 16 of 16 linear layers"):
+        verify(model, ask(8, backend="torchao"), "cpu")
+
+
 def test_a_group_size_that_does_not_divide_a_layer_leaves_it_unquantized_and_is_refused():
     """As Falcon-7B's width, 4544, and torchao's default group of 128: those layers stay bf16."""
     asked = ask(4, backend="torchao", group_size=64)

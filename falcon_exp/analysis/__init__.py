@@ -15,7 +15,7 @@ def analyse(uri: str, out: Path, experiment: str = "falcon-exp", sweep: str | No
     if loaded.runs.empty:
         return loaded, []
     keys = tables.varying(loaded.runs)
-    table = tables.comparison(loaded.runs)
+    table = tables.comparison(loaded.runs, loaded.samples)
     written = tables.write(table, out)
     flat = out / "results.csv"
     tables.save_csv(tables.results(loaded.runs), flat)

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from falcon_exp import schema
 from falcon_exp.analysis.load import MODE
-from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, column, ordered, peak_memory
+from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, REP_HIGH, REP_LOW, column, ordered, peak_memory, repetition_range
 from falcon_exp.cache import replaced
 
 STYLE = {
@@ -60,9 +60,12 @@ def _backend_marker(keys: list[str]) -> str | None:
 
 
 def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """A configuration's name in legends: its mode and the other keys the sweep varied."""
+    """A configuration's name in legends: its mode and the other keys the sweep varied, and
+    `(noisy)` where generations a busy machine disturbed are still among its samples."""
     others = [k for k in keys if k not in (MODE, "bits", BACKEND)]  # the mode names its backend
-    return runs.apply(lambda r: ", ".join([r[MODE]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
+    noisy = column(runs, schema.NOISE_OFF, 0).fillna(0) > 0
+    names = runs.apply(lambda r: ", ".join([r[MODE]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
+    return names + noisy.map({True: " (noisy)", False: ""})
 
 
 def memory_and_time_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
@@ -83,18 +86,21 @@ def memory_and_time_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: 
     return _save(figure, directory, "memory_time_per_prompt")
 
 
-def tradeoff(runs: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
-    """Peak memory against decode time per token: one point per configuration."""
+def tradeoff(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
+    """Peak memory against decode time per token: one point per configuration, its bar the range
+    of the repetitions' medians (a time, never below zero)."""
     decode = schema.DECODE_MS_PER_TOKEN
     runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
+    spread = runs[["run_id"]].join(repetition_range(samples, decode), on="run_id")
+    below = (runs[decode] - spread[REP_LOW]).clip(lower=0).fillna(0)
+    above = (spread[REP_HIGH] - runs[decode]).clip(lower=0).fillna(0)
     figure, axis = _figure(figsize=(6, 4.2))
     sns.scatterplot(data=runs, x="peak", y=decode, hue=MODE, hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
-    axis.errorbar(runs["peak"], runs[decode], yerr=column(runs, decode + schema.REP_STD).fillna(0),
-                  fmt="none", ecolor="grey", elinewidth=1, capsize=3)
+    axis.errorbar(runs["peak"], runs[decode], yerr=[below.to_numpy(), above.to_numpy()], fmt="none", ecolor="grey", elinewidth=1, capsize=3)
     for _, row in runs.iterrows():
         axis.annotate(row["config"], (row["peak"], row[decode]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel(PEAK_LABEL)
-    axis.set_ylabel("decode ms/token (median; bars: ± std between repetitions)")
+    axis.set_ylabel("decode ms/token (median; bars: the repetitions' medians, lowest to highest)")
     axis.set_title("Memory against speed")
     return _save(figure, directory, "tradeoff")
 
@@ -146,7 +152,7 @@ def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directo
     with mpl.rc_context(STYLE), sns.axes_style("whitegrid"):
         sns.set_palette("colorblind")
         paths += memory_and_time_per_prompt(runs, samples, keys, directory)
-        paths += tradeoff(runs, keys, directory)
+        paths += tradeoff(runs, samples, keys, directory)
         paths += latency_per_prompt(runs, samples, keys, directory)
         if "max_length" in runs and runs["max_length"].nunique() > 1:
             paths += time_vs_max_length(runs, samples, directory)

@@ -27,7 +27,8 @@ MODE, SCHEME = schema.PARAM_MODE, schema.PARAM_SCHEME
 REQUIRED_METRICS = (schema.DECODE_MS_PER_TOKEN, schema.GENERATE_S, schema.WEIGHTS_GB, schema.sample(schema.GENERATE_S),
                     schema.sample(schema.DECODE_MS_PER_TOKEN))
 TAGS = (schema.TAG_MODEL, schema.TAG_WEIGHTS, schema.TAG_DEVICE, schema.TAG_DEVICE_NAME, schema.TAG_MODEL_REUSED,
-        schema.TAG_DECODE_PATH, schema.TAG_FAST_FALLBACK, schema.TAG_GIT_COMMIT, schema.TAG_UNMEASURED, schema.TAG_ROOFLINE_WARNING)
+        schema.TAG_DECODE_PATH, schema.TAG_FAST_FALLBACK, schema.TAG_GIT_COMMIT, schema.TAG_UNMEASURED, schema.TAG_ROOFLINE_WARNING,
+        schema.TAG_NOISE, schema.TAG_READ_METHOD)
 
 
 @dataclass

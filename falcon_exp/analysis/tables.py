@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from falcon_exp import schema
+from falcon_exp import compat, schema
 from falcon_exp.analysis.load import BACKEND, MODE, SCHEME
 from falcon_exp.cache import replaced
 
@@ -32,8 +32,13 @@ QUALITY = (
     (schema.perplexity("zh"), "ppl zh"),
 )
 SPREAD = (schema.TTFT_MS, schema.DECODE_MS_PER_TOKEN, schema.E2E_TOKENS_PER_S, schema.GENERATE_S)
-SPREAD_NOTE = ("Timing columns: median over prompts x repetitions ± the spread between repetitions "
-               "(each prompt's standard deviation over its repetitions, median over prompts; none with one repetition).")
+# The analysis' own columns beside each SPREAD key: the lowest and highest of the repetitions' medians.
+REP_LOW, REP_HIGH = " rep low", " rep high"
+SPREAD_NOTE = ("Timing columns: median over prompts x repetitions [the lowest, the highest of the repetitions' medians, each "
+               "the median over prompts of one repetition; none with one repetition]. Ratios: each run against the reference "
+               "mode's run of the same other settings.")
+NOISE_NOTE = ("noise: generations a busy machine disturbed (over noise.max_ratio x their prompt's quickest, or waiting for a CPU "
+              "over noise.max_cpu_wait of their time), run again, and those still off after the re-runs, which stay in the medians.")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
 KEYS = ("model.name", MODE, BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
@@ -85,14 +90,35 @@ def reference_mode(runs: pd.DataFrame) -> str | None:
     return next((m for m in ("bf16", "fp16", "fp32", "int8") if m in modes), None)
 
 
-def comparison(runs: pd.DataFrame) -> pd.DataFrame:
-    """Numbers exactly as logged (medians and quartiles), plus ratios to the reference mode."""
+def repetition_range(samples: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Each run's spread between repetitions as a range a quantity can have: the lowest and the
+    highest of its repetitions' medians (each over the prompts), by run_id; none with one repetition."""
+    per_repetition = samples.groupby(["run_id", "repetition"])[schema.SAMPLE + key].median().groupby("run_id")
+    spread = per_repetition.agg(["min", "max", "count"])
+    return spread.loc[spread["count"] > 1, ["min", "max"]].set_axis([REP_LOW, REP_HIGH], axis=1)
+
+
+def noise_said(runs: pd.DataFrame) -> pd.Series:
+    """`1 re-run, 0 still off` where the noise check found a generation off, else empty."""
+    rerun, off = column(runs, schema.NOISE_RERUN), column(runs, schema.NOISE_OFF)
+    found = column(runs, schema.TAG_NOISE, None).notna()
+    return pd.Series([f"{r:.0f} re-run, {o:.0f} still off" if f else "" for r, o, f in zip(rerun, off, found)], index=runs.index)
+
+
+def comparison(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """Numbers exactly as logged (medians, the spread as logged), the range between repetitions
+    from the samples, what the noise check found, and ratios to the reference mode."""
     runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     keys = varying(runs)
     table = pd.DataFrame({key: column(runs, key) for key in keys + [c for c, _ in COLUMNS]})
     table = table.join(runs[[c for c, _ in QUALITY if c in runs]])
     for key in SPREAD:
         table[key + schema.REP_STD] = column(runs, key + schema.REP_STD)
+        if schema.SAMPLE + key in samples:
+            spread = runs[["run_id"]].join(repetition_range(samples, key), on="run_id")
+            table[[key + REP_LOW, key + REP_HIGH]] = spread[[REP_LOW, REP_HIGH]].to_numpy()
+    if schema.TAG_NOISE in runs:
+        table["noise"] = noise_said(runs)
     reference = reference_mode(runs)
     if reference is not None:  # each run against the reference run of the same other settings
         on = ["_join"] + [k for k in keys if k not in (MODE, "bits", BACKEND)]  # a mode names its backend
@@ -105,11 +131,12 @@ def comparison(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """For Markdown and LaTeX: medians ± the spread between repetitions, four significant places."""
-    shown = table[[c for c in table if not c.endswith(schema.REP_STD)]].copy()
+    """For Markdown and LaTeX: medians [the repetitions' range], four significant places."""
+    shown = table[[c for c in table if not c.endswith((schema.REP_STD, REP_LOW, REP_HIGH))]].copy()
     for key, title in COLUMNS:
         if key in SPREAD:
-            shown[key] = [f"{m:.4g}" + ("" if pd.isna(sd) else f" ± {sd:.2g}") for m, sd in zip(table[key], table[key + schema.REP_STD])]
+            low, high = column(table, key + REP_LOW), column(table, key + REP_HIGH)
+            shown[key] = [f"{m:.4g}" + ("" if pd.isna(lo) else f" [{lo:.4g}, {hi:.4g}]") for m, lo, hi in zip(table[key], low, high)]
         else:
             shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
         shown = shown.rename(columns={key: title})
@@ -117,8 +144,11 @@ def _formatted(table: pd.DataFrame) -> pd.DataFrame:
         if key in shown:
             shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
             shown = shown.rename(columns={key: title})
-    for column in [c for c in shown if " / " in c]:
-        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+    titles = dict(COLUMNS)
+    for ratio in [c for c in shown if " / " in c]:
+        key, reference = ratio.rsplit(" / ", 1)
+        shown[ratio] = shown[ratio].map(lambda v: "" if pd.isna(v) else f"{v:.2f}x")
+        shown = shown.rename(columns={ratio: f"{titles[key]} vs {reference}"})
     return shown
 
 
@@ -127,7 +157,8 @@ def write(table: pd.DataFrame, directory: Path, stem: str = "comparison") -> lis
     paths = [directory / f"{stem}.{suffix}" for suffix in ("csv", "md", "tex")]
     save_csv(table, paths[0])
     shown = _formatted(table)
-    for path, text in zip(paths[1:], (_markdown(shown) + "\n" + SPREAD_NOTE + "\n", shown.to_latex(index=False, escape=True, caption=SPREAD_NOTE))):
+    note = SPREAD_NOTE + (" " + NOISE_NOTE if "noise" in table else "")
+    for path, text in zip(paths[1:], (_markdown(shown) + "\n" + note + "\n", shown.to_latex(index=False, escape=True, caption=note))):
         with replaced(path) as staging:
             staging.write_text(text)
     return paths
@@ -213,6 +244,7 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "floor_ms_per_token": column(runs, schema.FLOOR_MS_PER_TOKEN),
         "bandwidth": read.notna().map({True: "read", False: "copy"}),
         "read_bandwidth_gbs": read,
+        "read_method": column(runs, schema.TAG_READ_METHOD, None).fillna(read.notna().map({True: compat.READ_METHOD_BEFORE_03, False: ""})),
         "copy_bandwidth_gbs": column(runs, schema.COPY_BANDWIDTH_GBS),
         "weight_bytes_per_step_gb": column(runs, schema.WEIGHT_BYTES_PER_STEP_GB),
         "decode_path": column(runs, schema.TAG_DECODE_PATH, "eager"),
