@@ -4,9 +4,9 @@ At batch 1 a decode step must read every weight it uses once, and the KV cache a
 reads it, and writes next to nothing; so (bytes per step / read bandwidth) is a floor on the time
 per token, and `roofline_fraction` is that floor over the measured time (1.0 would be a step that
 only streams memory). The read bandwidth is the fastest of several reads of a large buffer: a
-reduction, and a batch-1 matrix-vector product (`x @ W.t()`, as a decode step reads its weights)
-in bf16 and in fp32. cuBLAS' GEMV reads faster than a reduction on an H200, so a floor from the
-reduction alone was too high. A large copy is measured too (bytes read plus written per second,
+reduction, and a batch-1 matrix-vector product (`x @ W.t()`, as a decode step reads its weights,
+on a GPU replayed in a CUDA graph) in bf16 and in fp32: a floor from a read that a decode step's
+own kernels beat would be too high. A large copy is measured too (bytes read plus written per second,
 for comparison with published copy figures). Both are measured once per machine and cached with
 the methods that made them: a cache made by other methods is measured anew, never reused.
 """
@@ -36,21 +36,39 @@ def _device_names(device: str) -> list[str]:
     return [f"cpu {platform.processor() or platform.machine()} threads={torch.get_num_threads()}"]
 
 
-# Each way of reading a buffer of `count` bytes, made ready on a device: the call that reads it.
-READS: dict[str, Callable[[int, torch.device], Callable[[], object]]] = {
-    "reduction": lambda count, at: torch.ones(count // 4, device=at).sum,
-    "gemv_bf16": lambda count, at: _gemv(count, torch.bfloat16, at),
-    "gemv_fp32": lambda count, at: _gemv(count, torch.float32, at),
+# Each way of reading, made ready on a device: the call that reads, and the bytes one call reads.
+READS: dict[str, Callable[[torch.device], tuple[Callable[[], object], int]]] = {
+    "reduction": lambda at: _reduction(at),
+    "gemv_bf16": lambda at: _gemv(torch.bfloat16, at),
+    "gemv_fp32": lambda at: _gemv(torch.float32, at),
 }
-METHODS = ",".join(READS)  # a cached bandwidth made by other methods is not reused
+METHODS = "reduction,gemv_bf16,gemv_fp32 graphed x20 on cuda"  # a cached bandwidth measured otherwise is not reused
+WEIGHT_SHAPE = (32768, 8192)  # Falcon-40B's MLP up-projection: the decode matrix cuBLAS read fastest on an H200
+GRAPHED_CALLS = 20
 
 
-def _gemv(count: int, dtype: torch.dtype, at: torch.device) -> Callable[[], object]:
-    """One token's product with a weight matrix of `count` bytes, 8192 inputs wide (Falcon-40B's)."""
-    columns = 8192
-    weight = torch.ones(count // (columns * dtype.itemsize), columns, dtype=dtype, device=at)
+def _reduction(at: torch.device) -> tuple[Callable[[], object], int]:
+    buffer = torch.ones(BUFFER_BYTES[at.type] // 4, device=at)
+    return buffer.sum, buffer.numel() * 4
+
+
+def _gemv(dtype: torch.dtype, at: torch.device) -> tuple[Callable[[], object], int]:
+    """One token's product with a weight as a decode step makes it: on a GPU, Falcon-40B's MLP
+    up-projection GRAPHED_CALLS times in one CUDA graph (launch gaps out, as in the decode step's
+    graph); on the CPU, a weight of BUFFER_BYTES, 8192 inputs wide."""
+    columns = WEIGHT_SHAPE[1]
+    rows = WEIGHT_SHAPE[0] if at.type == "cuda" else BUFFER_BYTES["cpu"] // (columns * dtype.itemsize)
+    weight = torch.ones(rows, columns, dtype=dtype, device=at)
     token = torch.ones(1, columns, dtype=dtype, device=at)
-    return lambda: torch.nn.functional.linear(token, weight)
+    if at.type != "cuda":
+        return lambda: torch.nn.functional.linear(token, weight), weight.numel() * dtype.itemsize
+    with torch.cuda.device(at):
+        torch.nn.functional.linear(token, weight)  # cuBLAS' workspace and kernel choice, before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPHED_CALLS):
+                torch.nn.functional.linear(token, weight)
+    return graph.replay, GRAPHED_CALLS * weight.numel() * dtype.itemsize
 
 
 def measure(device: str, index: int) -> dict:
@@ -60,7 +78,9 @@ def measure(device: str, index: int) -> dict:
     target = torch.device("cuda", index) if device == "cuda" else torch.device("cpu")
     readings = {}
     for method, ready in READS.items():
-        readings[method] = count / median_seconds(device, index, ready(count, target), ROUNDS[device])  # each buffer freed after
+        read, size = ready(target)
+        readings[method] = size / median_seconds(device, index, read, ROUNDS[device])
+        del read  # its buffers, before the next way's
     source = torch.ones(count // 4, dtype=torch.float32, device=target)
     destination = torch.empty_like(source)
     copy = 2 * count / median_seconds(device, index, lambda: destination.copy_(source), ROUNDS[device])

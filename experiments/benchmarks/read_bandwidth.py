@@ -1,7 +1,8 @@
 """Which read gives the floor's denominator: each way falcon_exp/roofline.py measures (a large
 reduction, a batch-1 GEMV in bf16 and fp32), measured as a job measures them, beside cuBLAS' bf16
 GEMV on Falcon's decode matrices, 20 calls captured in one CUDA graph (the way the fastest weight
-read streams in a decode step). Writes one CSV row per reading.
+read streams in a decode step), and that GEMV's earlier form here (one call on a 1 GiB weight
+8192 wide, no graph). Writes one CSV row per reading.
 
     python experiments/benchmarks/read_bandwidth.py --out read-bandwidth.csv
 """
@@ -49,10 +50,14 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
     measured = roofline.measure(device, 0)
-    rows = [("harness", method, roofline.BUFFER_BYTES[device], value) for method, value in measured["readings"].items()]
-    rows.append(("harness", "copy (read + written)", roofline.BUFFER_BYTES[device], measured["copy"]))
+    rows = [("harness", method, "", value) for method, value in measured["readings"].items()]
+    rows.append(("harness", "copy (read + written)", "", measured["copy"]))
     if device == "cuda":
         rows += [("cuBLAS GEMV, one CUDA graph", matrix, r * c * 2, graphed_gemv(r, c)) for matrix, (r, c) in MATRICES.items()]
+        weight = torch.ones(2**30 // (8192 * 2), 8192, dtype=torch.bfloat16, device="cuda")
+        token = torch.ones(1, 8192, dtype=torch.bfloat16, device="cuda")
+        seconds = median_seconds("cuda", 0, lambda: torch.nn.functional.linear(token, weight), 20)
+        rows.append(("cuBLAS GEMV, one call", "65536 x 8192", 2**30, 2**30 / seconds))
     with args.out.open("w", newline="") as file:
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(["device", "torch", "commit", "source", "method", "bytes", "gbs"])
