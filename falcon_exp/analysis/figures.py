@@ -100,7 +100,7 @@ def tradeoff(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directo
     for _, row in runs.iterrows():
         axis.annotate(row["config"], (row["peak"], row[decode]), textcoords="offset points", xytext=(6, 4), fontsize=7)
     axis.set_xlabel(PEAK_LABEL)
-    axis.set_ylabel("decode ms/token (median; bars: the repetitions' medians, lowest to highest)")
+    axis.set_ylabel("decode ms/token (median; bar: range of\nthe repetitions' medians)")
     axis.set_title("Memory against speed")
     return _save(figure, directory, "tradeoff")
 
