@@ -11,7 +11,7 @@ from transformers.models.falcon.modeling_falcon import FalconForCausalLM, Falcon
 
 from conftest import compose, resolve_job, save_tiny_falcon
 from falcon_exp.cache import content_hash
-from falcon_exp.compat import NOT_IN_01_IDENTITIES
+from falcon_exp.compat import ADDED_IN_03, NOT_IN_01_IDENTITIES
 from falcon_exp.config import JobConfig, knobs
 from falcon_exp.errors import ConfigError
 from falcon_exp.quantization import (
@@ -291,8 +291,10 @@ def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_
 
 
 def test_a_bitsandbytes_job_keeps_the_identity_it_had_before_the_backend_existed():
-    """resume=true must still find runs logged before quantization.backend was a setting."""
+    """resume=true must still find runs logged before quantization.backend was a setting, and
+    before the noise settings were: left at their defaults, they are not in the identity."""
     job = resolve_job("model=tiny-falcon", "bits=4")
-    before = {k: v for k, v in job.config.flat.items() if k not in ("resume", *NOT_IN_01_IDENTITIES)}
+    before = {k: v for k, v in job.config.flat.items() if k not in ("resume", *NOT_IN_01_IDENTITIES, *ADDED_IN_03)}
     assert job.identity == content_hash(before | {"prompts.items": list(job.config.prompts.items)})
     assert resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=torchao").identity != job.identity
+    assert resolve_job("model=tiny-falcon", "bits=4", "noise.reruns=3").identity != job.identity
