@@ -59,3 +59,15 @@ def writable_folder(named: str, folder: Path, advice: str) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "Read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else f"{existing} is not writable"
         raise ConfigError(f"{named} cannot be written ({why}); {advice}")
+
+
+def readable_text(key: str, path: Any) -> None:
+    """A UTF-8 text file that exists and holds something."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}={path!r} is not allowed; give the path of a plain-text file, or null")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{key}={path!r} cannot be read as UTF-8 text ({getattr(error, 'strerror', None) or error})") from None
+    if not text.strip():
+        raise ConfigError(f"{key}={path!r} holds no text")

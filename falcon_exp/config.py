@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from falcon_exp.checks import boolean, integer, memory_caps, one_of
+from falcon_exp.checks import boolean, integer, memory_caps, one_of, readable_text
 from falcon_exp.errors import ConfigError
 from falcon_exp.prompts import check_prompt, read_prompts_file
 
@@ -145,12 +145,26 @@ class QualityConfig:
     reference_tokens: int  # forced greedy tokens of the reference after each prompt
     eval_tokens: int | None  # tokens of each evaluation text scored (null: all)
     window: int  # perplexity window, non-overlapping
+    corpus: str | None  # a plain-text file: perplexity and KL statistics on it (falcon_exp/corpus.py)
+    corpus_context: int  # tokens per sliding window
+    corpus_stride: int  # tokens the window moves by
+    corpus_tokens: int | None  # the corpus cut to this many tokens (null: all)
+    kl_tokens: int  # scored tokens the KL statistics cover
 
     def __post_init__(self) -> None:
         boolean("quality.enabled", self.enabled)
         integer("quality.reference_tokens", self.reference_tokens)
         integer("quality.eval_tokens", self.eval_tokens, minimum=2, optional=True)
         integer("quality.window", self.window, minimum=2)
+        integer("quality.corpus_context", self.corpus_context, minimum=2)
+        integer("quality.corpus_stride", self.corpus_stride)
+        if self.corpus_stride > self.corpus_context:
+            raise ConfigError(f"quality.corpus_stride={self.corpus_stride} is not allowed; it must be at most quality.corpus_context="
+                              f"{self.corpus_context} (a longer stride would leave tokens unscored)")
+        integer("quality.corpus_tokens", self.corpus_tokens, minimum=2, optional=True)
+        integer("quality.kl_tokens", self.kl_tokens)
+        if self.corpus is not None:
+            readable_text("quality.corpus", self.corpus)
 
 
 @dataclass(frozen=True)

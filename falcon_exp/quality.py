@@ -37,6 +37,7 @@ from falcon_exp.job import Job
 from falcon_exp.models import MODELS
 
 EVAL_TEXTS = {lang: Path(__file__).parent / "assets" / f"eval_{lang}.txt" for lang in schema.LANGUAGES}
+PROMPT_QUALITY = ("enabled", "reference_tokens", "eval_tokens", "window")  # the settings this reference depends on (the corpus's: corpus.py)
 
 
 def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def reference_key(job: Job) -> str:
         "dtype": job.config.dtype,
         "device": job.device_identity,
         "prompt_ids": [ids[0].tolist() for ids in job.prompts.input_ids],
-        "quality": dataclasses.asdict(job.config.quality),
+        "quality": {k: v for k, v in dataclasses.asdict(job.config.quality).items() if k in PROMPT_QUALITY},
         "texts": {lang: hashlib.sha256(path.read_bytes()).hexdigest() for lang, path in EVAL_TEXTS.items()},
         "versions": {p: metadata.version(p) for p in ("torch", "transformers")},
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falcon_exp import noise, quality, roofline
+from falcon_exp import corpus, noise, quality, roofline
 from falcon_exp.config import JobConfig
 from falcon_exp.console import log
 from falcon_exp.decode import Decoder, decoder_for
@@ -28,6 +28,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     sweep = sweep or SweepNeeds()
     bandwidth = roofline.bandwidth(job.device)
     reference, unmeasured = _reference(job, sweep)
+    corpus_reference = corpus.reference(job) if reference is not None and job.config.quality.corpus else None
     loaded, reused = MODELS.get(job)
     model = loaded.model
     inputs = [ids.to(next(model.parameters()).device) for ids in job.prompts.input_ids]
@@ -44,6 +45,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
     outliers = int8_outliers(model)  # before quality's forward passes overwrite the layers' last matmul
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
+    if job.config.quality.enabled and job.config.quality.corpus:
+        scores |= corpus.measure(model, job, corpus_reference)
     return JobResult(
         samples=samples,
         memory={key: max(s.memory[key] for s in samples) for key in samples[0].memory},

@@ -105,6 +105,39 @@ COMMON_PREFIX_TOKENS = "quality/common_prefix_tokens"
 LANGUAGES = ("en", "zh")
 
 
+# On a corpus the user names (quality.corpus; falcon_exp/corpus.py).
+CORPUS_PERPLEXITY = "quality/corpus_perplexity"
+CORPUS_PERPLEXITY_RATIO = "quality/corpus_perplexity_ratio"
+CORPUS_TOKENS = "quality/corpus_tokens"
+CORPUS_KL_TOKENS = "quality/corpus_kl_tokens"
+CORPUS_KL_MEAN = "quality/corpus_kl_mean"
+CORPUS_KL_MEAN_STDERR = "quality/corpus_kl_mean_stderr"
+CORPUS_KL_MEDIAN = "quality/corpus_kl_median"
+CORPUS_KL_P99 = "quality/corpus_kl_p99"
+CORPUS_KL_MAX = "quality/corpus_kl_max"
+CORPUS_DELTA_P_MEAN = "quality/corpus_delta_p_mean"
+CORPUS_DELTA_P_RMS = "quality/corpus_delta_p_rms"
+CORPUS_SAME_TOP = "quality/corpus_same_top"
+CORPUS_SAME_TOP_STDERR = "quality/corpus_same_top_stderr"
+CORPUS = _metrics(
+    Metric(CORPUS_PERPLEXITY, "1", "perplexity of the corpus: transformers' sliding-window recipe (quality.corpus_context, "
+                                   "quality.corpus_stride), exp of the mean NLL over every scored token"),
+    Metric(CORPUS_PERPLEXITY_RATIO, "1", "corpus_perplexity over the unquantized reference's, same tokens and windows"),
+    Metric(CORPUS_TOKENS, "count", "the corpus tokens scored (all but the first of the text, cut to quality.corpus_tokens)"),
+    Metric(CORPUS_KL_TOKENS, "count", "the scored tokens the KL statistics cover (the first quality.kl_tokens)"),
+    Metric(CORPUS_KL_MEAN, "nats", "mean KL(reference || run) of next-token distributions, over the reference's top tokens and "
+                                   "the rest as one outcome (a lower bound on the full KL)"),
+    Metric(CORPUS_KL_MEAN_STDERR, "nats", "standard error of corpus_kl_mean (standard deviation / sqrt(tokens))"),
+    Metric(CORPUS_KL_MEDIAN, "nats", "median of that per-token KL"),
+    Metric(CORPUS_KL_P99, "nats", "99th percentile of that per-token KL"),
+    Metric(CORPUS_KL_MAX, "nats", "largest per-token KL"),
+    Metric(CORPUS_DELTA_P_MEAN, "1", "mean over tokens of the run's probability of the reference's top token minus the reference's"),
+    Metric(CORPUS_DELTA_P_RMS, "1", "root mean square of that difference"),
+    Metric(CORPUS_SAME_TOP, "1", "share of tokens where the run's most likely next token is the reference's"),
+    Metric(CORPUS_SAME_TOP_STDERR, "1", "standard error of corpus_same_top (binomial)"),
+)
+
+
 def perplexity(lang: str) -> str:
     return f"quality/perplexity_{lang}"
 
@@ -153,6 +186,8 @@ CONDITIONAL = {
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
     INT8_OUTLIER_LAYERS: "in 8 bits with an outlier threshold above 0", INT8_OUTLIER_COLUMNS: "as int8_outlier_layers",
     CPU_WAIT_SHARE: "where Linux reports each thread's run-queue wait (/proc/self/task/*/schedstat)",
+    **{key: "with quality.corpus set" for key in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
+    **{key: "with quality.corpus set, against an unquantized reference" for key in CORPUS if key not in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
 }
 
 # Tags.
