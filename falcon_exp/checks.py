@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -71,3 +72,11 @@ def readable_text(key: str, path: Any) -> None:
         raise ConfigError(f"{key}={path!r} cannot be read as UTF-8 text ({getattr(error, 'strerror', None) or error})") from None
     if not text.strip():
         raise ConfigError(f"{key}={path!r} holds no text")
+
+
+def installed(module: str) -> bool:
+    """Whether a module can be imported, without importing it (one set to None in sys.modules cannot)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:
+        return False

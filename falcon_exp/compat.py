@@ -36,7 +36,8 @@ NOT_IN_01_IDENTITIES = ("quantization.backend", "quantization.group_size", "quan
 # Settings added in 0.3: at the default the package ships they stay out of a job's identity, so
 # that resume=true still finds the runs logged before them. Removed in 1.0.
 ADDED_IN_03 = ("noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality.corpus", "quality.corpus_context",
-               "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens")
+               "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens", "quality.tasks", "quality.limit",
+               "quality.task_batch_size")
 
 
 def added_at_default(flat: dict) -> set[str]:

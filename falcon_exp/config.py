@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from falcon_exp.checks import boolean, integer, memory_caps, one_of, readable_text
+from falcon_exp.checks import boolean, installed, integer, memory_caps, one_of, readable_text
 from falcon_exp.errors import ConfigError
 from falcon_exp.prompts import check_prompt, read_prompts_file
 
@@ -150,6 +150,9 @@ class QualityConfig:
     corpus_stride: int  # tokens the window moves by
     corpus_tokens: int | None  # the corpus cut to this many tokens (null: all)
     kl_tokens: int  # scored tokens the KL statistics cover
+    tasks: list  # lm-evaluation-harness tasks: registered names, or YAML files (falcon_exp/tasks.py)
+    limit: int | None  # examples per task at most (null: all)
+    task_batch_size: int
 
     def __post_init__(self) -> None:
         boolean("quality.enabled", self.enabled)
@@ -165,6 +168,16 @@ class QualityConfig:
         integer("quality.kl_tokens", self.kl_tokens)
         if self.corpus is not None:
             readable_text("quality.corpus", self.corpus)
+        integer("quality.limit", self.limit, optional=True)
+        integer("quality.task_batch_size", self.task_batch_size)
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"quality.tasks={self.tasks!r} is not allowed; give a list of lm-eval task names or task YAML files")
+        for task in self.tasks:
+            if task.endswith((".yaml", ".yml")):
+                readable_text("quality.tasks", task)
+        if self.tasks and not installed("lm_eval"):
+            raise ConfigError(f"quality.tasks={self.tasks} needs lm-evaluation-harness, which is not installed: "
+                              'pip install "falcon-exp[eval]"')
 
 
 @dataclass(frozen=True)

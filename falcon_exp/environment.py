@@ -14,7 +14,7 @@ from typing import Any
 from falcon_exp import schema
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "hydra-core", "mlflow", "falcon-exp")
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "lm_eval", "hydra-core", "mlflow", "falcon-exp")
 PROVIDED_BY = {"mlflow": ("mlflow", "mlflow-skinny")}  # MLflow's slimmer build installs the same `mlflow` modules
 IMPORTED_AS = {"hydra-core": "hydra", "falcon-exp": "falcon_exp"}
 # falcon-exp patches these libraries' internals (Falcon's linear class and head split, bitsandbytes'

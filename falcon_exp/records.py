@@ -80,6 +80,7 @@ class JobResult:
     cpu_kernel: str | None  # bitsandbytes' CPU kernel for this mode, on a CPU run
     int8_outliers: dict[str, float]  # LLM.int8's outlier path in the last decode step, by metric name; empty if none ran
     noise: Noise
+    task_results: str | None  # lm-evaluation-harness's results file (JSON), where quality.tasks ran
 
     def columns(self) -> dict[str, list[float]]:
         """Each per-sample metric's values, in the order of `samples`."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falcon_exp import corpus, noise, quality, roofline
+from falcon_exp import corpus, noise, quality, roofline, tasks
 from falcon_exp.config import JobConfig
 from falcon_exp.console import log
 from falcon_exp.decode import Decoder, decoder_for
@@ -47,6 +47,10 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
     if job.config.quality.enabled and job.config.quality.corpus:
         scores |= corpus.measure(model, job, corpus_reference)
+    task_results = None
+    if job.config.quality.enabled and job.config.quality.tasks:
+        task_scores, task_results = tasks.evaluate(model, job)
+        scores |= task_scores
     return JobResult(
         samples=samples,
         memory={key: max(s.memory[key] for s in samples) for key in samples[0].memory},
@@ -64,6 +68,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         cpu_kernel=cpu_kernel(job.config) if job.device == "cpu" else None,
         int8_outliers=outliers,
         noise=found,
+        task_results=task_results,
     )
 
 

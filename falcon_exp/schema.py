@@ -138,6 +138,23 @@ CORPUS = _metrics(
 )
 
 
+TASK_PREFIX = "quality/task/"
+
+
+def task_metric(task: str, metric: str) -> str:
+    """`quality/task/arc_easy/acc`, `.../acc_stderr`: an lm-evaluation-harness task's metric (falcon_exp/tasks.py)."""
+    return f"{TASK_PREFIX}{task}/{metric}"
+
+
+def stderr_of(key: str) -> str:
+    """The name of a quality metric's standard error: `quality/corpus_kl_mean_stderr`, and lm-eval's
+    way for a task's, `quality/task/gsm8k/exact_match_stderr.strict-match`."""
+    if key.startswith(TASK_PREFIX):
+        metric, dot, filtered = key.rpartition("/")[2].partition(".")
+        return f"{key.rpartition('/')[0]}/{metric}_stderr{dot}{filtered}"
+    return f"{key}_stderr"
+
+
 def perplexity(lang: str) -> str:
     return f"quality/perplexity_{lang}"
 

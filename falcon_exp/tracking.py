@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from falcon_exp.job import Job
 
 
+TASK_RESULTS = "lm_eval/results.json"  # lm-evaluation-harness's own results file, as its command line writes it
+
+
 def _metrics_of(job: Job, result: JobResult) -> list[Metric]:
     """Every metric of a finished job: each sample's at step `prompt_index * repetitions +
     repetition` under `sample/<name>`, the first tries the noise check replaced under
@@ -74,6 +77,8 @@ def log_result(run_id: str, job: Job, result: JobResult) -> None:
     ]
     client.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "generations.jsonl")
     client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "generations.json")
+    if result.task_results is not None:
+        client.log_text(run_id, result.task_results, TASK_RESULTS)
 
 
 def log_figures(run_id: str, paths: list[Path]) -> None:

@@ -201,7 +201,8 @@ def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
     result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model), load_s=1.0, device="cpu", quality={},
                        decode_path="eager", fast_fallback=None, weight_bytes_per_step=1,
                        bandwidth=Bandwidth(read=1e9, copy=1e9, read_method="reduction", readings={}),
-                       kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={}, noise=Noise([], 0, None))
+                       kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={}, noise=Noise([], 0, None),
+                       task_results=None)
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning
     assert "falcon_exp.roofline_warning" not in _tags_of(dataclasses.replace(result, samples=samples[:1]))

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from falcon_exp import schema
 from falcon_exp.analysis.load import MODE
-from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, REP_HIGH, REP_LOW, column, ordered, peak_memory, repetition_range
+from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, REP_HIGH, REP_LOW, column, ordered, peak_memory, repetition_range, task_columns
 from falcon_exp.cache import replaced
 
 STYLE = {
@@ -131,19 +131,31 @@ def time_vs_max_length(runs: pd.DataFrame, samples: pd.DataFrame, directory: Pat
     return _save(figure, directory, "time_vs_max_length")
 
 
-def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, directory: Path) -> list[Path]:
-    runs = ordered(runs).assign(config=lambda r: _label(r, keys), peak=lambda r: peak_memory(r))
-    figure, axis = _figure(figsize=(6, 4.2))
-    sns.scatterplot(data=runs, x=schema.WEIGHTS_GB, y=metric, hue=MODE, hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
-    for _, row in runs.iterrows():
-        axis.annotate(row["config"], (row[schema.WEIGHTS_GB], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    axis.set_xlabel("weights GB")
-    axis.set_ylabel(metric)
-    axis.set_title("Quality against memory")
-    return _save(figure, directory, "quality_vs_memory")
+def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, directory: Path, stem: str = "quality_vs_memory") -> list[Path]:
+    """A quality metric against weights and against decode time: a point per configuration, with
+    its standard error as bars where the run logged one (cut at zero: none of these quantities is
+    negative); the title says which metric, and on which corpus."""
+    runs = ordered(runs).assign(config=lambda r: _label(r, keys))
+    error = column(runs, schema.stderr_of(metric))
+    figure, axes = _figure(2, figsize=(11, 4.2))
+    for axis, x, label in ((axes[0], schema.WEIGHTS_GB, "weights GB"), (axes[1], schema.DECODE_MS_PER_TOKEN, "decode ms/token (median)")):
+        sns.scatterplot(data=runs, x=x, y=metric, hue=MODE, hue_order=_modes(runs), style=_backend_marker(keys), s=70, ax=axis)
+        if error.notna().any():
+            below = error.fillna(0).clip(upper=runs[metric].clip(lower=0))
+            axis.errorbar(runs[x], runs[metric], yerr=[below.to_numpy(), error.fillna(0).to_numpy()], fmt="none", ecolor="grey",
+                          elinewidth=1, capsize=3)
+        for _, row in runs.iterrows():
+            axis.annotate(row["config"], (row[x], row[metric]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel(metric + (" (bars: ± standard error)" if error.notna().any() else ""))
+    axes[1].get_legend().remove()
+    corpus = sorted({Path(str(p)).name for p in column(runs, "quality.corpus", None).dropna() if str(p) != "None"})
+    on = f" on {', '.join(corpus)}" if metric.startswith("quality/corpus_") and corpus else ""
+    figure.suptitle(f"Quality against memory and speed: {metric.removeprefix('quality/')}{on}")
+    return _save(figure, directory, stem)
 
 
-QUALITY_METRICS = (schema.KL_MEAN, schema.perplexity_ratio("en"))
+QUALITY_METRICS = (schema.CORPUS_KL_MEAN, schema.KL_MEAN, schema.perplexity_ratio("en"))  # the first the runs logged
 
 
 def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
@@ -160,4 +172,6 @@ def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directo
             if metric in runs and runs[metric].notna().any():
                 paths += quality_vs_memory(runs, keys, metric, directory)
                 break
+        if tasks := task_columns(runs):  # lm-eval's: the first task's first metric
+            paths += quality_vs_memory(runs, keys, tasks[0], directory, "task_vs_memory")
     return paths

@@ -30,13 +30,23 @@ QUALITY = (
     (schema.GREEDY_MATCH, "greedy match"),
     (schema.perplexity("en"), "ppl en"),
     (schema.perplexity("zh"), "ppl zh"),
+    (schema.CORPUS_PERPLEXITY_RATIO, "corpus ppl vs ref"),
+    (schema.CORPUS_KL_MEAN, "corpus KL"),
+    (schema.CORPUS_KL_P99, "corpus KL p99"),
+    (schema.CORPUS_SAME_TOP, "corpus same top"),
 )
+
+
+def task_columns(runs: pd.DataFrame) -> list[str]:
+    """The lm-eval task metrics the runs logged (not their standard errors), sorted."""
+    return sorted(c for c in runs if c.startswith(schema.TASK_PREFIX) and "_stderr" not in c.rpartition("/")[2])
 SPREAD = (schema.TTFT_MS, schema.DECODE_MS_PER_TOKEN, schema.E2E_TOKENS_PER_S, schema.GENERATE_S)
 # The analysis' own columns beside each SPREAD key: the lowest and highest of the repetitions' medians.
 REP_LOW, REP_HIGH = " rep low", " rep high"
 SPREAD_NOTE = ("Timing columns: median over prompts x repetitions [the lowest, the highest of the repetitions' medians, each "
                "the median over prompts of one repetition; none with one repetition]. Ratios: each run against the reference "
-               "mode's run of the same other settings.")
+               "mode's run of the same other settings. Quality: ± its standard error where the run logged one "
+               "(corpus KL and same-top rate over its tokens, lm-eval's for a task).")
 NOISE_NOTE = ("noise: generations a busy machine disturbed (over noise.max_ratio x their prompt's quickest, or waiting for a CPU "
               "over noise.max_cpu_wait of their time), run again, and those still off after the re-runs, which stay in the medians.")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
@@ -111,7 +121,9 @@ def comparison(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     runs = ordered(runs.assign(**{PEAK_GB: peak_memory(runs)}))
     keys = varying(runs)
     table = pd.DataFrame({key: column(runs, key) for key in keys + [c for c, _ in COLUMNS]})
-    table = table.join(runs[[c for c, _ in QUALITY if c in runs]])
+    quality = [c for c, _ in QUALITY if c in runs] + task_columns(runs)
+    errors = [schema.stderr_of(c) for c in quality if schema.stderr_of(c) in runs]
+    table = table.join(runs[quality + errors])
     for key in SPREAD:
         table[key + schema.REP_STD] = column(runs, key + schema.REP_STD)
         if schema.SAMPLE + key in samples:
@@ -132,7 +144,8 @@ def comparison(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
 
 def _formatted(table: pd.DataFrame) -> pd.DataFrame:
     """For Markdown and LaTeX: medians [the repetitions' range], four significant places."""
-    shown = table[[c for c in table if not c.endswith((schema.REP_STD, REP_LOW, REP_HIGH))]].copy()
+    errors = [schema.stderr_of(c) for c in table if schema.stderr_of(c) in table]
+    shown = table[[c for c in table if not c.endswith((schema.REP_STD, REP_LOW, REP_HIGH)) and c not in errors]].copy()
     for key, title in COLUMNS:
         if key in SPREAD:
             low, high = column(table, key + REP_LOW), column(table, key + REP_HIGH)
@@ -140,9 +153,11 @@ def _formatted(table: pd.DataFrame) -> pd.DataFrame:
         else:
             shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
         shown = shown.rename(columns={key: title})
-    for key, title in QUALITY:
+    tasks = [(key, key.removeprefix(schema.TASK_PREFIX)) for key in task_columns(table)]  # `arc_easy/acc`
+    for key, title in (*QUALITY, *tasks):
         if key in shown:
-            shown[key] = table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+            error = column(table, schema.stderr_of(key))
+            shown[key] = ["" if pd.isna(v) else f"{v:.4g}" + ("" if pd.isna(e) else f" ± {e:.2g}") for v, e in zip(table[key], error)]
             shown = shown.rename(columns={key: title})
     titles = dict(COLUMNS)
     for ratio in [c for c in shown if " / " in c]:
