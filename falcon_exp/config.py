@@ -175,6 +175,9 @@ class QualityConfig:
         for task in self.tasks:
             if task.endswith((".yaml", ".yml")):
                 readable_text("quality.tasks", task)
+        if not self.enabled and (self.corpus or self.tasks):
+            raise ConfigError(f"quality.enabled=false but quality.{'corpus' if self.corpus else 'tasks'} is set; "
+                              "set quality.enabled=true to score it, or drop it")
         if self.tasks and not installed("lm_eval"):
             raise ConfigError(f"quality.tasks={self.tasks} needs lm-evaluation-harness, which is not installed: "
                               'pip install "falcon-exp[eval]"')

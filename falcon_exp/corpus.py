@@ -108,7 +108,7 @@ def reference(job: Job) -> CorpusReference:
     for logprobs, targets in _scored(model, corpus_ids(job), job.config.quality):
         nll.append(-logprobs.gather(-1, targets.unsqueeze(-1))[:, 0])
         if kept > 0:
-            top = logprobs[:kept].topk(TOP_K, dim=-1)
+            top = logprobs[:kept].topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
             top_ids.append(top.indices.int())
             top_logprobs.append(top.values)
             kept -= len(top.values)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,9 +61,13 @@ class Job:
         return self._hash(lambda key: key != "resume" and (not key.startswith("quantization.") or key in applying))
 
     def _hash(self, kept: Callable[[str], bool]) -> str:
-        """A hash of the params `kept` keeps, and the prompts' text."""
+        """A hash of the params `kept` keeps, the prompts' text, and the contents of the files a
+        quality setting names (a corpus, task YAMLs), which their paths alone do not pin."""
         content = {k: v for k, v in self.config.flat.items() if kept(k)}
-        return content_hash(content | {"prompts.items": list(self.config.prompts.items)})
+        quality = self.config.quality
+        files = [quality.corpus] * bool(quality.corpus) + [t for t in quality.tasks if t.endswith((".yaml", ".yml"))]
+        read = {"files": {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}} if files else {}
+        return content_hash(content | {"prompts.items": list(self.config.prompts.items)} | read)
 
     @property
     def model_key(self) -> str:
@@ -84,7 +90,21 @@ def resolve(cfg: Any) -> Job:
     config = _checkpoint_quantization(config, weights)
     device = resolve_device(config.device)
     _check_backend(config, device, weights)
-    return Job(config, device, device_identity(device), weights, _prompts(config, weights))
+    prompts = _prompts(config, weights)
+    _check_corpus(config, weights, prompts.tokenizer)
+    return Job(config, device, device_identity(device), weights, prompts)
+
+
+def _check_corpus(config: JobConfig, weights: Weights, tokenizer: Any) -> None:
+    """A corpus that gives tokens to score, in windows the model's context holds, before any model loads."""
+    quality = config.quality
+    if not quality.corpus:
+        return
+    if weights.context and quality.corpus_context > weights.context:
+        raise ConfigError(f"quality.corpus_context={quality.corpus_context} runs past {config.model.name}'s context of "
+                          f"{weights.context} tokens; allowed: quality.corpus_context <= {weights.context}")
+    if len(tokenizer(Path(quality.corpus).read_text(encoding="utf-8"))["input_ids"][:2]) < 2:
+        raise ConfigError(f"quality.corpus={quality.corpus!r} is shorter than two tokens: nothing to score")
 
 
 def _check_backend(config: JobConfig, device: str, weights: Weights) -> None:

@@ -58,9 +58,10 @@ def source_tags(tags: dict[str, str]) -> dict[str, str]:
 
     resolved = resolve_tags(tags)
     commit = tags.get(schema.TAG_GIT_COMMIT) or environment_commit()
+    if resolved.get(schema.MLFLOW_GIT_COMMIT, commit) != commit:  # another repository's (sys.argv[0]'s), or where ours is unknown
+        resolved.pop(schema.MLFLOW_GIT_BRANCH, None)
+        resolved.pop(schema.MLFLOW_GIT_COMMIT)
     if commit and commit != "unknown":
-        if resolved.get(schema.MLFLOW_GIT_COMMIT, commit) != commit:
-            resolved.pop(schema.MLFLOW_GIT_BRANCH, None)
         resolved[schema.MLFLOW_GIT_COMMIT] = commit
     return resolved
 

@@ -7,15 +7,16 @@ generation is *off* when its decode time per token is over `noise.max_ratio` tim
 quickest, or when this process's threads waited for a CPU over `noise.max_cpu_wait` of its time
 (another process held the cores, even one that held them from the start, which no ratio sees).
 
-Off generations are run again, up to `noise.reruns` times, where the evidence allows: the wait
-was measured, or the prompt was observed at least three times (of two, a ratio alone cannot say
-which one was disturbed). A re-run's sample takes the place of the first try, which is kept apart
-(logged as `dropped/<name>`, never among the samples). What was found is said in one line and
+Off generations are run again, up to `noise.reruns` times, where the evidence allows: its threads
+waited over the bound, or the prompt was observed at least three times (of two, a ratio alone cannot say
+which one was disturbed). A re-run's sample takes the place of the try it repeats, which is kept
+apart (logged as `dropped/<name>`, never among the samples). What was found is said in one line and
 tagged on the run; what is still off after the re-runs stays in the medians, counted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def settle(samples: list[Sample], warm_ms: dict[int, list[float]], config: Noise
     observed = {i: list(ms) for i, ms in warm_ms.items()}
     for sample in samples:
         observed.setdefault(sample.prompt_index, []).append(sample.timing.decode_ms_per_token)
-    samples, first_tries, first_said = list(samples), [], None
+    samples, replaced, first_said = list(samples), [], None
     for attempt in range(config.reruns + 1):
         off = _off(samples, observed, config)
         if not off:
@@ -62,12 +63,12 @@ def settle(samples: list[Sample], warm_ms: dict[int, list[float]], config: Noise
             observed[retried.prompt_index].append(retried.timing.decode_ms_per_token)
             at = next(i for i, s in enumerate(samples) if (s.prompt_index, s.repetition) == (retried.prompt_index, retried.repetition))
             samples[at] = retried
-            first_tries.append(finding.sample)
+            replaced.append(finding.sample)
         if not again:
             break
     still_off = len(_off(samples, observed, config))
-    said = f"{first_said}; {len(first_tries)} re-run, {still_off} still off" if first_said else None
-    return samples, Noise(first_tries=first_tries, still_off=still_off, said=said)
+    found = Noise(replaced=replaced, still_off=still_off, said=None)
+    return samples, dataclasses.replace(found, said=f"{first_said}; {found.summary()}" if first_said else None)
 
 
 def _off(samples: list[Sample], observed: dict[int, list[float]], config: NoiseConfig) -> list[Finding]:

@@ -37,9 +37,22 @@ class Sample:
 class Noise:
     """What the noise check found (falcon_exp/noise.py)."""
 
-    first_tries: list[Sample]  # generations found off and run again: their first tries, kept apart
+    replaced: list[Sample]  # the tries that re-runs replaced, kept apart (a generation run twice leaves two)
     still_off: int  # kept generations still off after the re-runs
     said: str | None  # what was found and done, for the run's tag; None on a quiet run
+
+    @property
+    def rerun(self) -> int:
+        """The generations run again (each counted once, however often)."""
+        return len({(s.prompt_index, s.repetition) for s in self.replaced})
+
+    def summary(self) -> str:
+        return noise_summary(self.rerun, self.still_off)
+
+
+def noise_summary(rerun: int, still_off: int) -> str:
+    """`2 re-run, 0 still off`: the noise tag's ending and the analysis' noise column."""
+    return f"{rerun} re-run, {still_off} still off"
 
 
 @dataclass(frozen=True)
@@ -87,8 +100,8 @@ class JobResult:
         return _columns(self.samples)
 
     def dropped_columns(self) -> dict[str, list[float]]:
-        """The first tries the noise check replaced, under `dropped/<name>`, with their prompt and repetition."""
-        tries = self.noise.first_tries
+        """The tries the noise check replaced, under `dropped/<name>`, with their prompt and repetition."""
+        tries = self.noise.replaced
         if not tries:
             return {}
         return ({schema.dropped(key): values for key, values in _columns(tries).items()}
@@ -115,7 +128,7 @@ class JobResult:
         figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
         figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}
         figures |= self.int8_outliers | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
-        figures |= {schema.NOISE_RERUN: len(self.noise.first_tries), schema.NOISE_OFF: self.noise.still_off}
+        figures |= {schema.NOISE_RERUN: self.noise.rerun, schema.NOISE_OFF: self.noise.still_off}
         figures |= {schema.read_bandwidth(method): value / 1e9 for method, value in self.bandwidth.readings.items()}
         return figures | {schema.READ_BANDWIDTH_GBS: self.bandwidth.read / 1e9, schema.COPY_BANDWIDTH_GBS: self.bandwidth.copy / 1e9,
                           schema.WEIGHT_BYTES_PER_STEP_GB: self.weight_bytes_per_step / 1e9, schema.KV_BYTES_PER_TOKEN: self.kv_bytes_per_token}

@@ -42,9 +42,10 @@ READS: dict[str, Callable[[torch.device], tuple[Callable[[], object], int]]] = {
     "gemv_bf16": lambda at: _gemv(torch.bfloat16, at),
     "gemv_fp32": lambda at: _gemv(torch.float32, at),
 }
-METHODS = "reduction,gemv_bf16,gemv_fp32 graphed x20 on cuda"  # a cached bandwidth measured otherwise is not reused
 WEIGHT_SHAPE = (32768, 8192)  # Falcon-40B's MLP up-projection: the decode matrix cuBLAS read fastest on an H200
 GRAPHED_CALLS = 20
+# What a cached bandwidth was measured by: one measured otherwise (other ways, sizes, torch) is not reused.
+METHODS = f"{','.join(READS)} weight={WEIGHT_SHAPE} graphed={GRAPHED_CALLS} buffers={BUFFER_BYTES} torch={torch.__version__}"
 
 
 def _reduction(at: torch.device) -> tuple[Callable[[], object], int]:
@@ -68,7 +69,8 @@ def _gemv(dtype: torch.dtype, at: torch.device) -> tuple[Callable[[], object], i
         with torch.cuda.graph(graph):
             for _ in range(GRAPHED_CALLS):
                 torch.nn.functional.linear(token, weight)
-    return graph.replay, GRAPHED_CALLS * weight.numel() * dtype.itemsize
+    held = (graph, weight, token)  # a graph does not keep the tensors it reads alive
+    return lambda: held[0].replay(), GRAPHED_CALLS * weight.numel() * dtype.itemsize
 
 
 def measure(device: str, index: int) -> dict:

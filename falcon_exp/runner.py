@@ -41,14 +41,14 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     warmup_tokens = bench.warm_up()
     probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
     samples, first_outputs = bench.timed(probe)
+    outliers = int8_outliers(model)  # of the last timed step, before re-runs and quality's forward passes overwrite it
     rerun = lambda off: bench.sample(off.prompt_index, off.repetition, probe)[0]
     samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
-    outliers = int8_outliers(model)  # before quality's forward passes overwrite the layers' last matmul
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
-    if job.config.quality.enabled and job.config.quality.corpus:
+    if job.config.quality.corpus:
         scores |= corpus.measure(model, job, corpus_reference)
     task_results = None
-    if job.config.quality.enabled and job.config.quality.tasks:
+    if job.config.quality.tasks:
         task_scores, task_results = tasks.evaluate(model, job)
         scores |= task_scores
     return JobResult(

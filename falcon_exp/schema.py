@@ -123,7 +123,8 @@ CORPUS = _metrics(
     Metric(CORPUS_PERPLEXITY, "1", "perplexity of the corpus: transformers' sliding-window recipe (quality.corpus_context, "
                                    "quality.corpus_stride), exp of the mean NLL over every scored token"),
     Metric(CORPUS_PERPLEXITY_RATIO, "1", "corpus_perplexity over the unquantized reference's, same tokens and windows"),
-    Metric(CORPUS_TOKENS, "count", "the corpus tokens scored (all but the first of the text, cut to quality.corpus_tokens)"),
+    Metric(CORPUS_TOKENS, "count", "the corpus tokens scored: all of the text (cut to quality.corpus_tokens) but its first, and "
+                                   "with non-overlapping windows each window's first"),
     Metric(CORPUS_KL_TOKENS, "count", "the scored tokens the KL statistics cover (the first quality.kl_tokens)"),
     Metric(CORPUS_KL_MEAN, "nats", "mean KL(reference || run) of next-token distributions, over the reference's top tokens and "
                                    "the rest as one outcome (a lower bound on the full KL)"),
@@ -144,6 +145,11 @@ TASK_PREFIX = "quality/task/"
 def task_metric(task: str, metric: str) -> str:
     """`quality/task/arc_easy/acc`, `.../acc_stderr`: an lm-evaluation-harness task's metric (falcon_exp/tasks.py)."""
     return f"{TASK_PREFIX}{task}/{metric}"
+
+
+def is_stderr(key: str) -> bool:
+    """Whether a quality metric is another's standard error (stderr_of's names)."""
+    return "_stderr" in key.rpartition("/")[2]
 
 
 def stderr_of(key: str) -> str:
@@ -171,12 +177,12 @@ NOISE = _metrics(
     Metric(CPU_WAIT_SHARE, "1", "per generation, the time this process's threads were ready to run but waited for a CPU (Linux "
                                 "schedstat), over the wall time x the threads that compute (torch's on a CPU run, one on a GPU "
                                 "run); the run's: the median. 0 on a quiet machine; another busy process raises it"),
-    Metric(NOISE_RERUN, "count", "generations found off (noise.max_ratio, noise.max_cpu_wait) and run again; the first tries are "
+    Metric(NOISE_RERUN, "count", "generations found off (noise.max_ratio, noise.max_cpu_wait) and run again; every try a re-run replaced are "
                                  "logged as dropped/<name>, never among the samples"),
     Metric(NOISE_OFF, "count", "kept generations still off after the re-runs (the run is then tagged falcon_exp.noise)"),
 )
-DROPPED = "dropped/"  # a re-run generation's first try, at step = the order it was dropped in
-DROPPED_PROMPT = "dropped/prompt_index"  # which prompt and repetition that first try was (from 0)
+DROPPED = "dropped/"  # a try a re-run replaced, at step = the order it was replaced in
+DROPPED_PROMPT = "dropped/prompt_index"  # which prompt and repetition that try was (from 0)
 DROPPED_REPETITION = "dropped/repetition"
 
 

@@ -5,12 +5,14 @@ model the job has already loaded, in the quantization it verified: wrapped, neve
 name is given does lm-eval index its thousands of bundled tasks (and a dataset may then come from
 the hub). Each task's metrics and their standard errors are logged as
 `quality/task/<task>/<metric>` (lm-eval's keys, `acc,none`, carry commas MLflow refuses; a
-filter other than `none` stays in the name, `acc.strict-match`), and lm-eval's own results
-file as the run's artifact `lm_eval/results.json`.
+filter other than `none` stays in the name, `acc.strict-match`), and lm-eval's results (what its
+evaluator returns, with a `config` block as its command line writes one: model, tasks, limit,
+batch size, bootstrap iterations) as the run's artifact `lm_eval/results.json`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -34,11 +36,13 @@ def evaluate(model: PreTrainedModel, job: Job) -> tuple[dict[str, float], str]:
     quality = job.config.quality
     named = [t for t in quality.tasks if not t.endswith((".yaml", ".yml"))]
     quiet = logging.getLogger("lm_eval")
-    level, quiet.level = quiet.level, logging.ERROR  # its warnings about being handed a model are what we do on purpose
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings about being handed a model are what we do on purpose
     try:
         model.tie_weights = lambda *args, **kwargs: None  # HFLM re-ties the head to the embedding; leave the loaded model as it is
         try:
-            lm = HFLM(pretrained=model, tokenizer=job.prompts.tokenizer, backend="causal", batch_size=quality.task_batch_size,
+            # a copy of the tokenizer: HFLM sets a pad token on it, and the job's is shared by the sweep's jobs
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(job.prompts.tokenizer), backend="causal", batch_size=quality.task_batch_size,
                       softmax_dtype="float32")
         finally:
             del model.tie_weights
@@ -46,7 +50,9 @@ def evaluate(model: PreTrainedModel, job: Job) -> tuple[dict[str, float], str]:
         results = evaluator.evaluate(lm=lm, task_dict=tasks, limit=quality.limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
                                      verbosity="ERROR")
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
+    results["config"] = {"model": job.config.model.name, "mode": job.config.mode, "tasks": list(quality.tasks), "limit": quality.limit,
+                         "batch_size": quality.task_batch_size, "bootstrap_iters": BOOTSTRAP_ITERS, "num_fewshot": "the tasks' own"}
     return metrics_of(results["results"]), json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
     from falcon_exp.job import Job
 
 
-TASK_RESULTS = "lm_eval/results.json"  # lm-evaluation-harness's own results file, as its command line writes it
+TASK_RESULTS = "lm_eval/results.json"  # lm-evaluation-harness's results (falcon_exp/tasks.py)
 
 
 def _metrics_of(job: Job, result: JobResult) -> list[Metric]:
     """Every metric of a finished job: each sample's at step `prompt_index * repetitions +
-    repetition` under `sample/<name>`, the first tries the noise check replaced under
+    repetition` under `sample/<name>`, the tries the noise check replaced under
     `dropped/<name>` at step 0, 1, ..., and the run's figures at step 0."""
     from mlflow.entities import Metric
 

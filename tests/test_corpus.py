@@ -92,10 +92,23 @@ def test_windows_score_each_token_once_and_all_that_have_context():
         assert all(end - begin <= context and first > begin for begin, end, first in found)
 
 
-@pytest.mark.parametrize("override, says", [
-    ("quality.corpus=/nonexistent/c.txt", "^quality.corpus='/nonexistent/c.txt' cannot be read as UTF-8 text"),
-    ("quality.corpus_stride=2048", "^quality.corpus_stride=2048 is not allowed; it must be at most quality.corpus_context=1024"),
+@pytest.mark.parametrize("overrides, says", [
+    (("quality.corpus=/nonexistent/c.txt",), "^quality.corpus='/nonexistent/c.txt' cannot be read as UTF-8 text"),
+    (("quality.corpus_stride=2048",), "^quality.corpus_stride=2048 is not allowed; it must be at most quality.corpus_context=1024"),
+    (("quality.corpus={text}", "quality.corpus_context=100000"), "^quality.corpus_context=100000 runs past tiny-falcon's context of"),
+    (("quality.corpus={text}", "quality.enabled=false"), "^quality.enabled=false but quality.corpus is set"),
+    (("quality.corpus={short}",), "is shorter than two tokens: nothing to score$"),
 ])
-def test_a_corpus_that_cannot_be_read_or_windows_that_skip_tokens_are_refused_in_one_line(override, says):
+def test_a_corpus_that_cannot_be_scored_is_refused_in_one_line_before_loading(overrides, says, text, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a")
     with pytest.raises(ConfigError, match=says):
-        resolve_job("model=tiny-falcon", override)
+        resolve_job("model=tiny-falcon", *(o.format(text=text, short=short) for o in overrides))
+
+
+def test_the_corpus_text_not_its_path_is_in_the_jobs_identity(text):
+    """resume=true must not reuse a run scored on a text since changed at the same path."""
+    before = resolve_job("model=tiny-falcon", f"quality.corpus={text}").identity
+    assert resolve_job("model=tiny-falcon", f"quality.corpus={text}").identity == before
+    text.write_text(text.read_text() + " More.")
+    assert resolve_job("model=tiny-falcon", f"quality.corpus={text}").identity != before

@@ -153,6 +153,7 @@ def test_bandwidth_is_measured_once_per_machine_read_and_copy(tmp_path, monkeypa
     assert roofline.bandwidth("cpu").read != 789.0  # measured anew: that file had no read bandwidth
 
 
+@pytest.mark.slow
 def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_file(tmp_path):
     """Three processes start together on an empty cache: one measures (the others would slow its
     measurement and theirs), the others wait and read its figures."""

@@ -150,8 +150,8 @@ def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, director
         axis.set_ylabel(metric + (" (bars: ± standard error)" if error.notna().any() else ""))
     axes[1].get_legend().remove()
     corpus = sorted({Path(str(p)).name for p in column(runs, "quality.corpus", None).dropna() if str(p) != "None"})
-    on = f" on {', '.join(corpus)}" if metric.startswith("quality/corpus_") and corpus else ""
-    figure.suptitle(f"Quality against memory and speed: {metric.removeprefix('quality/')}{on}")
+    on = f" on {', '.join(corpus)}" if metric in schema.CORPUS and corpus else ""
+    figure.suptitle(f"Quality against memory and speed: {metric}{on}")
     return _save(figure, directory, stem)
 
 

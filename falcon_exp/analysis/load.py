@@ -105,7 +105,7 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
         row = {"run_id": run.info.run_id, "run_name": name, "start_time": run.info.start_time}
         row |= {k: _number(v) for k, v in run.data.params.items()}
         row |= {k: run.data.tags[k] for k in TAGS if k in run.data.tags}
-        row |= {k: v for k, v in metrics.items() if not k.startswith(schema.SAMPLE)}
+        row |= {k: v for k, v in metrics.items() if not k.startswith((schema.SAMPLE, schema.DROPPED))}  # per sample, not per run
         rows.append(row)
         repetitions = int(run.data.params.get("repetitions", 1))
         per_step: dict[int, dict] = {}

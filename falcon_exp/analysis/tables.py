@@ -11,6 +11,7 @@ import pandas as pd
 from falcon_exp import compat, schema
 from falcon_exp.analysis.load import BACKEND, MODE, SCHEME
 from falcon_exp.cache import replaced
+from falcon_exp.records import noise_summary
 
 PEAK_GB = "memory/peak_gb"  # the analysis' own column: allocator peak where there was a GPU, else host RSS
 # (metric key, column title); a timing column is shown as "median ± spread between repetitions".
@@ -39,7 +40,7 @@ QUALITY = (
 
 def task_columns(runs: pd.DataFrame) -> list[str]:
     """The lm-eval task metrics the runs logged (not their standard errors), sorted."""
-    return sorted(c for c in runs if c.startswith(schema.TASK_PREFIX) and "_stderr" not in c.rpartition("/")[2])
+    return sorted(c for c in runs if c.startswith(schema.TASK_PREFIX) and not schema.is_stderr(c))
 SPREAD = (schema.TTFT_MS, schema.DECODE_MS_PER_TOKEN, schema.E2E_TOKENS_PER_S, schema.GENERATE_S)
 # The analysis' own columns beside each SPREAD key: the lowest and highest of the repetitions' medians.
 REP_LOW, REP_HIGH = " rep low", " rep high"
@@ -53,7 +54,8 @@ RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them.
 KEYS = ("model.name", MODE, BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
         "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold",
-        "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length")
+        "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length", "quality.corpus", "quality.corpus_context",
+        "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens", "quality.tasks", "quality.limit")
 MODE_ORDER = {m: i for i, m in enumerate(("nf4", "fp4", "ao-int4", "int8", "ao-int8", "ao-fp8", "ao-fp8dyn", "bf16", "fp16", "fp32"))}
 
 
@@ -112,7 +114,7 @@ def noise_said(runs: pd.DataFrame) -> pd.Series:
     """`1 re-run, 0 still off` where the noise check found a generation off, else empty."""
     rerun, off = column(runs, schema.NOISE_RERUN), column(runs, schema.NOISE_OFF)
     found = column(runs, schema.TAG_NOISE, None).notna()
-    return pd.Series([f"{r:.0f} re-run, {o:.0f} still off" if f else "" for r, o, f in zip(rerun, off, found)], index=runs.index)
+    return pd.Series([noise_summary(int(r), int(o)) if f else "" for r, o, f in zip(rerun, off, found)], index=runs.index)
 
 
 def comparison(runs: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
