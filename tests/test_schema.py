@@ -14,7 +14,7 @@ from conftest import REPO, runs_of
 from falcon_exp import schema
 
 ANALYSIS = REPO / "falcon_exp" / "analysis"
-PREFIXES = (schema.SAMPLE, schema.REP_STD, schema.TASK_PREFIX)  # parts of names, not names
+PREFIXES = (schema.SAMPLE, schema.REP_STD, schema.TASK_PREFIX, schema.DROPPED)  # parts of names, not names
 
 
 def schema_names_read(path: Path) -> set[str]:
