@@ -27,7 +27,7 @@ def test_a_busy_machine_is_found_said_tagged_and_its_generations_run_again(store
     from falcon_exp.lifecycle import job_run
     from falcon_exp.tracking import log_result
 
-    job = resolve_job(*QUICK, f"prompts.file={two_prompts}")
+    job = resolve_job(*QUICK, "noise.reruns=2", f"prompts.file={two_prompts}")
     real, calls, busy = runner.timed_generate, [], []
 
     def timed_generate(*args):  # calls: 1-2 the warm-up, 3-4 the first repetition, 5-6 the second, 7- the re-runs
