@@ -3,6 +3,7 @@ release that removes it. Torch-free: the command line, the job's identity and th
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from falcon_exp import schema
@@ -42,12 +43,18 @@ ADDED_IN_03 = ("noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality
 
 def added_at_default(flat: dict) -> set[str]:
     """The keys of ADDED_IN_03 that hold the packaged default in these params."""
+    defaults = _packaged_defaults()
+    return {key for key in ADDED_IN_03 if key in flat and flat[key] == defaults[key]}
+
+
+@functools.cache
+def _packaged_defaults() -> dict:
+    """conf/config.yaml's values by dotted key, read once per process (every job's identity asks)."""
     import yaml
 
     from falcon_exp.config import CONF_DIR, flatten
 
-    defaults = flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()))
-    return {key for key in ADDED_IN_03 if key in flat and flat[key] == defaults[key]}
+    return flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()))
 
 
 # 0.1's metric names, read by the analysis under today's (same meaning). Removed in 0.4.
