@@ -11,7 +11,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from falcon_exp.cli import check_checkpoint_overrides, check_group_overrides, integral_bits, load_order
-from falcon_exp.compat import renamed_groups
+from falcon_exp.compat import renamed_groups, renamed_keys
 from falcon_exp.config import JobConfig
 from falcon_exp.console import quiet_third_party, stop_on_signals
 from falcon_exp.errors import ConfigError
@@ -35,7 +35,8 @@ def cli() -> None:
     quiet_third_party()  # before the inference stack is imported: its import-time warnings say nothing of a run
     with ending(close_open_sweep):
         arguments, notices = renamed_groups(sys.argv[1:])
-        for notice in notices:
+        arguments, renamed = renamed_keys(arguments)
+        for notice in notices + renamed:
             print(f"falcon-exp: notice: {notice}", file=sys.stderr, flush=True)
         check_group_overrides(arguments)
         check_checkpoint_overrides(arguments)

@@ -13,7 +13,7 @@ PRESET_GROUP = "preset"
 
 
 def override_key(argument: str) -> str:
-    """`+quantization.quant_type=nf4` -> `quantization.quant_type`."""
+    """`+quantization.hqq.axis=0` -> `quantization.hqq.axis`."""
     return argument.lstrip("+~").partition("=")[0]
 
 

@@ -3,11 +3,11 @@ release that removes it. Torch-free: the command line, the job's identity and th
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
-from falcon_exp import schema
+from falcon_exp import backends, schema
 from falcon_exp.cli import PRESET_GROUP, override_key
+from falcon_exp.config import packaged_defaults
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,9 +30,45 @@ def renamed_groups(arguments: list[str]) -> tuple[list[str], list[str]]:
     return renamed, notices
 
 
-# Settings that 0.1's runs (bitsandbytes the only backend) did not have: a bitsandbytes job leaves
-# them out of its identity, so that resume=true still finds those runs. Removed in 1.0.
-NOT_IN_01_IDENTITIES = ("quantization.backend", "quantization.group_size", "quantization.torchao_8bit")
+# Until 0.2 every backend's settings sat flat in `quantization` (quantization.quant_type,
+# quantization.group_size, ...); since 0.3 each sits under its backend (quantization.bitsandbytes.
+# quant_type). The old keys are read on the command line, in earlier runs' params and in their
+# identities. Removed in 1.0.
+FORMER_KEYS = {f"quantization.{old}": f"quantization.{b.name}.{new}" for b in backends.REGISTRY.values() for old, new in b.former_keys.items()}
+
+
+def renamed_keys(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """`quantization.quant_type=fp4` is `quantization.bitsandbytes.quant_type=fp4`: the arguments
+    with old keys renamed, and a notice for each."""
+    renamed, notices = [], []
+    for argument in arguments:
+        key = override_key(argument)
+        if key in FORMER_KEYS and "=" in argument:
+            argument = argument.replace(key, FORMER_KEYS[key], 1)
+            notices.append(f"`{key}` is now `{FORMER_KEYS[key]}` (each backend's settings sit under its name); "
+                           "the old name is read until falcon-exp 1.0")
+        renamed.append(argument)
+    return renamed, notices
+
+
+def identity_params(flat: dict) -> dict:
+    """A job's params in the shape its backend's runs had when that backend came, so that resume=true
+    finds them: for a backend of 0.1 or 0.2, every such backend's settings flat under their old keys
+    (the chosen one's as given, the others at the packaged defaults, as 0.2 logged them), and for
+    0.1's backend (bitsandbytes alone then) neither quantization.backend nor what later backends added."""
+    chosen = backends.get(flat["quantization.backend"])
+    if chosen.since not in ("0.1", "0.2"):
+        return flat
+    shaped = {k: v for k, v in flat.items() if not any(k.startswith(f"quantization.{name}.") for name in backends.names())}
+    defaults = packaged_defaults()
+    for old, new in FORMER_KEYS.items():
+        owner = backends.get(new.split(".")[1])
+        if owner.since == "0.1" or chosen.since == "0.2":
+            shaped[old] = flat[new] if owner is chosen else defaults[new]
+    if chosen.since == "0.1":
+        del shaped["quantization.backend"]
+    return shaped
+
 
 # Settings added in 0.3: at the default the package ships they stay out of a job's identity, so
 # that resume=true still finds the runs logged before them. Removed in 1.0.
@@ -43,18 +79,8 @@ ADDED_IN_03 = ("noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality
 
 def added_at_default(flat: dict) -> set[str]:
     """The keys of ADDED_IN_03 that hold the packaged default in these params."""
-    defaults = _packaged_defaults()
+    defaults = packaged_defaults()
     return {key for key in ADDED_IN_03 if key in flat and flat[key] == defaults[key]}
-
-
-@functools.cache
-def _packaged_defaults() -> dict:
-    """conf/config.yaml's values by dotted key, read once per process (every job's identity asks)."""
-    import yaml
-
-    from falcon_exp.config import CONF_DIR, flatten
-
-    return flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()))
 
 
 # 0.1's metric names, read by the analysis under today's (same meaning). Removed in 0.4.
@@ -66,9 +92,10 @@ RENAMED_METRICS = {
 # Up to 0.2 the read bandwidth was a large reduction's, and runs did not say so. Removed in 0.4.
 READ_METHOD_BEFORE_03 = "reduction"
 
-# 0.1's runs logged neither backend nor scheme: bitsandbytes was the only backend, and the scheme
-# followed from the mode. Removed in 0.4.
-SCHEME_OF_01_MODE = {"nf4": "nf4", "fp4": "fp4", "int8": "llm.int8"}
+# 0.1's runs logged neither backend nor scheme: bitsandbytes was the only backend (0.1's), and the
+# scheme followed from the mode. Removed in 0.4.
+FIRST_BACKEND = next(b for b in backends.REGISTRY.values() if b.since == "0.1")
+SCHEME_OF_01_MODE = {m.mode: m.scheme for m in FIRST_BACKEND.modes}
 
 
 def with_backend_and_scheme(runs: pd.DataFrame, backend: str, scheme: str) -> pd.DataFrame:
@@ -78,4 +105,15 @@ def with_backend_and_scheme(runs: pd.DataFrame, backend: str, scheme: str) -> pd
 
     unlogged = pd.Series(None, index=runs.index, dtype=object)
     schemes = runs.get(scheme, unlogged).fillna(runs[schema.PARAM_MODE].map(SCHEME_OF_01_MODE).fillna("none"))
-    return runs.assign(**{backend: runs.get(backend, unlogged).fillna("bitsandbytes"), scheme: schemes})
+    return runs.assign(**{backend: runs.get(backend, unlogged).fillna(FIRST_BACKEND.name), scheme: schemes})
+
+
+def with_settings_under_backends(runs: pd.DataFrame) -> pd.DataFrame:
+    """0.1's and 0.2's runs with their flat quantization settings under today's keys, kept only on
+    the runs of the backend they belong to (0.2 logged every backend's settings on every run)."""
+    for old, new in FORMER_KEYS.items():
+        if old in runs:
+            owner = new.split(".")[1]
+            moved = runs[old].where(runs["quantization.backend"] == owner)
+            runs = runs.drop(columns=old).assign(**{new: runs[new].fillna(moved) if new in runs else moved})
+    return runs

@@ -10,25 +10,20 @@ run exists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from falcon_exp import backends
 from falcon_exp.checks import boolean, installed, integer, memory_caps, one_of, readable_text
 from falcon_exp.errors import ConfigError
 from falcon_exp.prompts import check_prompt, read_prompts_file
 
 BITS = (4, 8, 16)
 WEIGHTS = ("packaged", "hub", "synthetic")
-QUANT_TYPES = ("nf4", "fp4")
-BACKENDS = ("bitsandbytes", "torchao")
-GROUP_SIZES = (32, 64, 128)  # those torchao's int4 kernels take on both CPU and CUDA
-TORCHAO_8BIT = ("int8", "float8", "float8_dynamic")
-# torchao's schemes by bits (8: by quantization.torchao_8bit): the logged `scheme`, and the short `mode`
-TORCHAO_SCHEMES = {4: ("int4_weight_only", "ao-int4"), "int8": ("int8_weight_only", "ao-int8"),
-                   "float8": ("float8_weight_only", "ao-fp8"), "float8_dynamic": ("float8_dynamic_activation", "ao-fp8dyn")}
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,6 +34,20 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package: a whe
 def group_choices(group: str, config_dirs: tuple[Path, ...] = ()) -> list[str]:
     """The options of a config group: the package's own and those in the user's config dirs."""
     return sorted({p.stem for root in (CONF_DIR, *config_dirs) for p in (root / group).glob("*.y*ml")})
+
+
+@functools.cache
+def packaged_defaults() -> dict[str, Any]:
+    """conf/config.yaml's values and each backend's (conf/backend/) by dotted key, read once per
+    process (every job's identity asks)."""
+    nodes = {path.stem: yaml.safe_load(path.read_text()) for path in (CONF_DIR / "backend").glob("*.yaml")}
+    return flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()) | {"quantization": nodes})
+
+
+def packaged_settings(backend: str) -> Any:
+    """A backend's settings at the packaged defaults."""
+    method = backends.get(backend)
+    return method.settings(**{f.name: packaged_defaults()[f"quantization.{backend}.{f.name}"] for f in dataclasses.fields(method.settings)})
 
 
 def available_architectures() -> list[str]:
@@ -116,27 +125,35 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """The backend and its settings; each applies at the bits and backend it belongs to (`knobs`)."""
+    """The backend (falcon_exp/backends/) and its own settings: the node quantization.<backend>.
+    Every backend's node is checked; the chosen one's is the job's."""
 
-    backend: str  # bitsandbytes | torchao
-    quant_type: str
-    compute_dtype: str
-    double_quant: bool
-    int8_threshold: float
-    group_size: int  # torchao 4-bit: weights per scale
-    torchao_8bit: str  # torchao 8-bit: int8 | float8 (weight-only) | float8_dynamic (activations too)
+    backend: str
     from_checkpoint: bool  # take bits and settings from the checkpoint's own quantization_config
+    settings: Any  # the chosen backend's Settings
 
-    def __post_init__(self) -> None:
-        one_of("quantization.backend", self.backend, BACKENDS)
-        one_of("quantization.group_size", self.group_size, GROUP_SIZES)
-        one_of("quantization.torchao_8bit", self.torchao_8bit, TORCHAO_8BIT)
-        one_of("quantization.quant_type", self.quant_type, QUANT_TYPES)
-        one_of("quantization.compute_dtype", self.compute_dtype, DTYPES)
-        boolean("quantization.double_quant", self.double_quant)
-        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
-            raise ConfigError(f"quantization.int8_threshold={self.int8_threshold!r} is not allowed; it must be a number >= 0")
-        boolean("quantization.from_checkpoint", self.from_checkpoint)
+    @classmethod
+    def from_dict(cls, raw: Any) -> QuantizationConfig:
+        names = backends.names()
+        if not isinstance(raw, dict):
+            raise ConfigError(f"quantization={raw!r} is not allowed; it must be a mapping of backend, from_checkpoint, {', '.join(names)}")
+        if unknown := sorted(set(raw) - {"backend", "from_checkpoint", *names}):
+            raise ConfigError(f"quantization.{unknown[0]} is not a key of quantization; allowed: backend, from_checkpoint, "
+                              f"{', '.join(names)} (each backend's settings sit under its name, e.g. quantization.{names[0]}.KEY)")
+        method = backends.get(raw.get("backend"))
+        boolean("quantization.from_checkpoint", raw.get("from_checkpoint"))
+        settings = {name: _build(backends.get(name).settings, raw[name], f"quantization.{name}") for name in names if name in raw}
+        if method.name not in settings:
+            raise ConfigError(f"quantization.{method.name} is missing; give its settings (conf/backend/{method.name}.yaml)")
+        return cls(method.name, raw["from_checkpoint"], settings[method.name])
+
+    @property
+    def method(self) -> backends.Backend:
+        return backends.get(self.backend)
+
+    def params(self) -> dict[str, Any]:
+        """As logged: the backend, from_checkpoint, and the chosen backend's node alone."""
+        return {"backend": self.backend, "from_checkpoint": self.from_checkpoint, self.backend: dataclasses.asdict(self.settings)}
 
 
 @dataclass(frozen=True)
@@ -210,14 +227,13 @@ class TrackingConfig:
 
 def knobs(bits: int, quantization: QuantizationConfig) -> dict[str, Any]:
     """The quantization settings that apply at these bits and backend, by their config key (bits
-    first): int8 ignores the 4-bit ones and the other way round, the unquantized baseline all."""
+    first): the unquantized baseline has none, and a backend's 8-bit ignores its 4-bit settings
+    and the other way round."""
     if bits == 16:
         return {"bits": bits}
-    if quantization.backend == "torchao":
-        applying = ("backend", "group_size" if bits == 4 else "torchao_8bit")
-    else:  # bitsandbytes' own
-        applying = {4: ("quant_type", "compute_dtype", "double_quant"), 8: ("int8_threshold",)}[bits]
-    return {"bits": bits} | {f"quantization.{k}": getattr(quantization, k) for k in applying}
+    name, settings = quantization.backend, quantization.settings
+    applying = {f"quantization.{name}.{k}": getattr(settings, k) for k in quantization.method.knobs(bits)}
+    return {"bits": bits, "quantization.backend": name} | applying
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -289,11 +305,12 @@ class JobConfig:
             raise ConfigError(f"model={model_raw!r} is not a model config; choose one of: {', '.join(group_choices('model'))}")
         model = ModelConfig.from_dict(model_raw)
         sections = {"model": model, "prompts": PromptsConfig.from_dict(raw.get("prompts") or {})}
-        for name, kind in (("generation", GenerationConfig), ("quantization", QuantizationConfig), ("quality", QualityConfig),
-                           ("noise", NoiseConfig), ("tracking", TrackingConfig)):
+        sections["quantization"] = QuantizationConfig.from_dict(raw.get("quantization"))
+        for name, kind in (("generation", GenerationConfig), ("quality", QualityConfig), ("noise", NoiseConfig), ("tracking", TrackingConfig)):
             sections[name] = _build(kind, raw.get(name), name)
         top = {k: v for k, v in raw.items() if k not in sections}
-        params = top | {k: dataclasses.asdict(v) for k, v in sections.items() if k != "prompts"}
+        params = top | {k: dataclasses.asdict(v) for k, v in sections.items() if k not in ("prompts", "quantization")}
+        params["quantization"] = sections["quantization"].params()
         params["prompts"] = {"name": sections["prompts"].name, "file": sections["prompts"].file}  # the texts are an artifact
         return _build(cls, top | sections | {"flat": flatten(params)}, "config")
 
@@ -306,28 +323,21 @@ class JobConfig:
 
     def with_quantization(self, bits: int, quantization: QuantizationConfig) -> JobConfig:
         """The same job at other bits and settings (found in a checkpoint, or the unquantized baseline), its params too."""
-        flat = self.flat | {"bits": bits} | {f"quantization.{k}": v for k, v in dataclasses.asdict(quantization).items()}
+        kept = {k: v for k, v in self.flat.items() if not k.startswith("quantization.")}
+        flat = kept | {"bits": bits} | flatten({"quantization": quantization.params()})
         return dataclasses.replace(self, bits=bits, quantization=quantization, flat=flat)
 
     @property
     def mode(self) -> str:
-        """A short, human name: nf4, fp4, int8 (bitsandbytes), ao-int4, ao-int8, ao-fp8, ao-fp8dyn
-        (torchao), or the baseline's dtype (bf16, fp16, fp32)."""
-        return self._scheme_and_mode()[1]
+        """A short, human name: the backend's (nf4, int8, ao-int4, hqq4, ...), or the baseline's
+        dtype (bf16, fp16, fp32)."""
+        return DTYPE_SHORT[self.dtype] if self.bits == 16 else self.quantization.method.mode(self.bits, self.quantization.settings).mode
 
     @property
     def scheme(self) -> str:
-        """What the weights are, by the backend's name for it: nf4, fp4, llm.int8,
-        int4_weight_only, int8_weight_only, float8_weight_only, float8_dynamic_activation, none."""
-        return self._scheme_and_mode()[0]
-
-    def _scheme_and_mode(self) -> tuple[str, str]:
-        quant = self.quantization
-        if self.bits == 16:
-            return "none", DTYPE_SHORT[self.dtype]
-        if quant.backend == "torchao":
-            return TORCHAO_SCHEMES[4 if self.bits == 4 else quant.torchao_8bit]
-        return (quant.quant_type, quant.quant_type) if self.bits == 4 else ("llm.int8", "int8")
+        """What the weights are, by the backend's name for it (nf4, llm.int8, int4_weight_only,
+        hqq_4bit, ...); none unquantized."""
+        return "none" if self.bits == 16 else self.quantization.method.mode(self.bits, self.quantization.settings).scheme
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

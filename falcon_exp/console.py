@@ -117,9 +117,9 @@ def guard_log_handlers() -> None:
                 handler.addFilter(_Redacted())
 
 
-class _Once(logging.Filter):
-    """Each distinct message once per process: bitsandbytes logs that int8 inputs are cast to
-    float16 at every matmul, tens of thousands of lines per job."""
+class Once(logging.Filter):
+    """Each distinct message once per process (bitsandbytes logs that int8 inputs are cast to
+    float16 at every matmul, tens of thousands of lines per job)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,19 +132,6 @@ class _Once(logging.Filter):
         return first
 
 
-class _KernelsHint(logging.Filter):
-    """On CPUs with AVX512-BF16, bitsandbytes warns at import that the optional `kernels` package
-    (a fused 4-bit GEMM fetched from the Hugging Face hub) is missing, and then runs its own native
-    kernel, which is no fault: said once, as information, with what runs instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "kernels-community" in record.getMessage():
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = ("the optional `kernels` package (a 4-bit CPU GEMM from the Hugging Face hub) is absent; "
-                                       "bitsandbytes' native AVX512-BF16 kernel runs (tag falcon_exp.bnb_cpu_kernel)"), ()
-        return True
-
-
 class _Reported(logging.Filter):
     """MLflow logs a store's database error with its traceback before raising it; falcon-exp
     reports the error it raises, in one line (a full disk: `database or disk is full`)."""
@@ -153,10 +140,10 @@ class _Reported(logging.Filter):
         return "SQLAlchemy database error" not in record.getMessage()
 
 
-class _Expected(logging.Filter):
-    """Warnings that say nothing about a run: torchao's import (transformers imports it wherever it
-    is installed) tries its CUDA kernel libraries and Triton even where torch has no CUDA, and uses
-    an API torch has deprecated. Kept out of the job's log."""
+class Expected(logging.Filter):
+    """Warnings that say nothing about a run, kept out of the job's log: a library's import that
+    tries CUDA kernel libraries and Triton even where torch has no CUDA (torchao's, which
+    transformers imports wherever it is installed), or uses an API torch has deprecated."""
 
     EXPECTED = ("Failed to load", "Detected no triton", "is an Enum subclass and is now natively supported")
 
@@ -177,9 +164,10 @@ def quiet_third_party() -> None:
     if _INSTALLED:
         return
     logging.raiseExceptions = False  # a line the log file cannot take (a full disk) is not a traceback on the terminal
-    for name, kind in (("bitsandbytes.autograd._functions", _Once), ("bitsandbytes.backends.cpu.ops", _KernelsHint),
-                       ("torchao", _Expected), ("torchao.kernel.intmm", _Expected), ("torch.utils._pytree", _Expected),
-                       ("mlflow.store.db.utils", _Reported)):
-        logger, installed = logging.getLogger(name), kind()
+    from falcon_exp import backends
+
+    filters = [("torch.utils._pytree", Expected()), ("mlflow.store.db.utils", _Reported())]
+    for name, installed in filters + [f for method in backends.REGISTRY.values() for f in method.log_filters()]:
+        logger = logging.getLogger(name)
         logger.addFilter(installed)
         _INSTALLED.append((logger, installed))

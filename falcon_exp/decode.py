@@ -5,8 +5,9 @@ fast (`generation.fast=true`): a static KV cache (fixed addresses, no reallocati
 grows) and the one-token forward compiled (torch.compile fuses its small elementwise kernels)
 and captured once as a CUDA graph replayed per token, so a decode step costs the GPU's kernels,
 not Python's launches of them. Where compilation fails it captures the uncompiled step; where a
-graph cannot be captured (no CUDA device, a model over several GPUs, LLM.int8's host-side
-outlier search, or a capture error) it decodes with the static cache alone. `fallback` says why.
+graph cannot be captured (no CUDA device, a model over several GPUs, layers a graph cannot hold,
+as LLM.int8's host-side outlier search, or a capture error) it decodes with the static cache
+alone. `fallback` says why.
 Both pick the same tokens as `generate(do_sample=False)`, end-of-sequence suppressed when the
 length is forced (as `min_new_tokens` does).
 """
@@ -167,12 +168,7 @@ class FastDecoder:
         devices = {p.device for p in self.model.parameters()}
         if len(devices) > 1:
             return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
-        if config.bits == 8 and config.quantization.backend == "bitsandbytes" and config.quantization.int8_threshold > 0:
-            return (
-                f"LLM.int8 with int8_threshold={config.quantization.int8_threshold} looks for outlier columns on the host "
-                "at every matmul (a device-to-host sync), which a CUDA graph cannot hold; int8_threshold=0 avoids it"
-            )
-        return None
+        return config.quantization.method.graph_blocker(config) if config.bits != 16 else None
 
     def _capture(self) -> str | None:
         """The compiled step as a graph, else the plain step as one; the reasons for what failed."""

@@ -11,15 +11,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from falcon_exp import schema
+from falcon_exp import backends, schema
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "lm_eval", "hydra-core", "mlflow", "falcon-exp")
+PACKAGES = ("torch", "transformers", "accelerate", *backends.packages(), "lm_eval", "hydra-core", "mlflow", "falcon-exp")
 PROVIDED_BY = {"mlflow": ("mlflow", "mlflow-skinny")}  # MLflow's slimmer build installs the same `mlflow` modules
 IMPORTED_AS = {"hydra-core": "hydra", "falcon-exp": "falcon_exp"}
-# falcon-exp patches these libraries' internals (Falcon's linear class and head split, bitsandbytes'
-# CPU kernels and log lines): the versions it was tested with, as pinned in constraints.txt.
-TESTED = {"transformers": ("5.24.0",), "bitsandbytes": ("0.50.2",)}
+# falcon-exp patches these libraries' internals (Falcon's linear class and head split; each
+# backend names its own): the versions it was tested with, as pinned in constraints.txt.
+TESTED = {"transformers": ("5.24.0",)} | backends.tested()
 
 
 def _git(*args: str) -> str | None:
@@ -44,9 +44,9 @@ def _version(package: str) -> str:
 
 
 def untested_versions() -> list[str]:
-    """`transformers 5.30.0 (tested: 5.24.0)` for each patched library at a version not tested."""
+    """`transformers 5.30.0 (tested: 5.24.0)` for each installed patched library at a version not tested."""
     return [f"{package} {_version(package)} (tested: {', '.join(tested)})" for package, tested in TESTED.items()
-            if _version(package) not in tested]
+            if _version(package) not in (*tested, "absent")]
 
 
 def _cpu_name() -> str:

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
+from falcon_exp import backends
 from falcon_exp.cache import content_hash
-from falcon_exp.compat import NOT_IN_01_IDENTITIES, added_at_default
-from falcon_exp.config import GROUP_SIZES, JobConfig, knobs
+from falcon_exp.checks import installed
+from falcon_exp.compat import added_at_default, identity_params
+from falcon_exp.config import JobConfig, QuantizationConfig, knobs, packaged_settings
 from falcon_exp.errors import ConfigError
-from falcon_exp.quantization import differences, request_of_checkpoint
-from falcon_exp.weights import Weights, quantized_input_widths
+from falcon_exp.weights import Weights
 from falcon_exp.weights import resolve as resolve_weights
 
 
@@ -48,9 +49,8 @@ class Job:
     def identity(self) -> str:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
-        skipped = {"resume"} | (set(NOT_IN_01_IDENTITIES) if self.config.quantization.backend == "bitsandbytes" else set())
-        skipped |= added_at_default(self.config.flat)
-        return self._hash(lambda key: key not in skipped)
+        skipped = {"resume"} | added_at_default(self.config.flat)
+        return self._hash(lambda key: key not in skipped, identity_params(self.config.flat))
 
     @property
     def measured(self) -> str:
@@ -60,10 +60,10 @@ class Job:
         applying = self.config.knobs()
         return self._hash(lambda key: key != "resume" and (not key.startswith("quantization.") or key in applying))
 
-    def _hash(self, kept: Callable[[str], bool]) -> str:
-        """A hash of the params `kept` keeps, the prompts' text, and the contents of the files a
-        quality setting names (a corpus, task YAMLs), which their paths alone do not pin."""
-        content = {k: v for k, v in self.config.flat.items() if kept(k)}
+    def _hash(self, kept: Callable[[str], bool], params: dict | None = None) -> str:
+        """A hash of the params (the config's, or `params`) `kept` keeps, the prompts' text, and the
+        contents of the files a quality setting names (a corpus, task YAMLs), which their paths alone do not pin."""
+        content = {k: v for k, v in (params or self.config.flat).items() if kept(k)}
         quality = self.config.quality
         files = [quality.corpus] * bool(quality.corpus) + [t for t in quality.tasks if t.endswith((".yaml", ".yml"))]
         read = {"files": {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}} if files else {}
@@ -78,7 +78,7 @@ class Job:
                       "max_memory": c.max_memory})
 
     def unquantized(self) -> Job:
-        """The same job in `dtype` without bitsandbytes: the quality reference."""
+        """The same job unquantized, in `dtype`: the quality reference."""
         return dataclasses.replace(self, config=self.config.with_quantization(16, self.config.quantization))
 
 
@@ -108,27 +108,14 @@ def _check_corpus(config: JobConfig, weights: Weights, tokenizer: Any) -> None:
 
 
 def _check_backend(config: JobConfig, device: str, weights: Weights) -> None:
-    """The backend is installed, its scheme runs on this device, and its group divides every
-    layer it quantizes, said before any model loads."""
-    if config.quantization.backend != "torchao" or config.bits == 16:
+    """The backend is installed and can honour the request here, said before any model loads."""
+    if config.bits == 16:
         return
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        raise ConfigError('quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp[torchao]"') from None
-    group = config.quantization.group_size
-    widths = quantized_input_widths(weights) if config.bits == 4 else frozenset()
-    if undivided := sorted(w for w in widths if w % group):
-        fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
-        raise ConfigError(f"quantization.group_size={group} does not divide {config.model.name}'s layer input width "
-                          f"{', '.join(map(str, undivided))} (torchao would leave those layers unquantized); "
-                          f"allowed here: {', '.join(map(str, fitting)) or 'none'}")
-    if config.bits == 8 and config.quantization.torchao_8bit == "float8_dynamic":
-        capability = torch.cuda.get_device_capability() if device == "cuda" else None
-        if capability is None or capability < (8, 9):
-            where = f"CUDA compute capability {capability[0]}.{capability[1]}" if capability else f"device={device}"
-            raise ConfigError(f"quantization.torchao_8bit=float8_dynamic needs a GPU of CUDA compute capability >= 8.9 ({where}); "
-                              "choose int8 or float8 (weight-only) here")
+    method = config.quantization.method
+    if missing := [p for p in method.packages if not installed(p)]:
+        raise ConfigError(f"quantization.backend={method.name} needs {', '.join(missing)}, which is not installed: "
+                          f'pip install "falcon-exp[{method.extra}]"')
+    method.check(config, device, weights)
 
 
 def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:
@@ -141,7 +128,7 @@ def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:
             raise ConfigError(f"quantization.from_checkpoint=true but {source} carries no quantization_config; "
                               "set it to false and choose bits")
         return config
-    bits, found = request_of_checkpoint(weights.quantization_config, source, config.quantization)
+    bits, found = checkpoint_request(weights.quantization_config, source, config.quantization)
     if config.quantization.from_checkpoint:
         return config.with_quantization(bits, found)
     differs = differences(config.knobs(), knobs(bits, found))
@@ -153,6 +140,25 @@ def _checkpoint_quantization(config: JobConfig, weights: Weights) -> JobConfig:
             f"{'; '.join(differs)}; ask for what it holds, or set quantization.from_checkpoint=true"
         )
     return config
+
+
+def checkpoint_request(raw: dict, source: str, asked: QuantizationConfig) -> tuple[int, QuantizationConfig]:
+    """A checkpoint's own `quantization_config` (its config.json) as the request it amounts to:
+    its bits, and the backend that reads it with the settings it fixes (the rest as asked)."""
+    method = raw.get("quant_method")
+    reader = next((b for b in backends.REGISTRY.values() if b.quant_method == method), None)
+    if reader is None:
+        readable = ", ".join(b.quant_method for b in backends.REGISTRY.values() if b.quant_method)
+        raise ConfigError(f"{source} holds {method} weights; falcon-exp reads checkpoints of: {readable}")
+    default = packaged_settings(reader.name) if asked.backend != reader.name else asked.settings
+    bits, settings = reader.checkpoint_request(raw, source, default)
+    return bits, dataclasses.replace(asked, backend=reader.name, settings=settings)
+
+
+def differences(asked: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """`key asked X, found Y` for each setting (config.knobs) that applies to either and differs."""
+    return [f"{k} asked {asked.get(k, '-')}, found {found.get(k, '-')}" for k in dict.fromkeys([*asked, *found])
+            if asked.get(k) != found.get(k)]
 
 
 def resolve_device(device: str) -> str:

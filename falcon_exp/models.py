@@ -1,7 +1,8 @@
 """Loading a job's weights as asked, and holding one loaded model per process.
 
-Every source ends in the same `from_pretrained(..., quantization_config=...)` call, so memory and
-time are those of the real loading path; `verify` then refuses a model whose layers are not what
+Every source ends in the same `from_pretrained(..., quantization_config=...)` call (and, for a
+method transformers cannot load with, its backend's quantizing step), so memory and time are those
+of the real loading path; `verify` then refuses a model whose layers are not what
 was asked. Synthetic weights share one random tensor per layer position on the host (40B needs
 neither 80 GB of disk nor of host memory), and each layer is still its own tensor on the device.
 """
@@ -18,7 +19,7 @@ import torch
 from falcon_exp.console import log
 from falcon_exp.job import Job
 from falcon_exp.measure import synchronize
-from falcon_exp.quantization import quantizable_linears, quantization_config, verify
+from falcon_exp.quantization import quantizable_linears, verify
 from falcon_exp.records import QuantizationReport
 from falcon_exp.weights import architecture_config, synthetic_state_dict
 
@@ -37,8 +38,9 @@ def load(job: Job) -> LoadedModel:
     config, weights, device = job.config, job.weights, job.device
     dtype = getattr(torch, config.dtype)
     kwargs = dict(dtype=dtype, device_map="auto" if device == "cuda" else "cpu", max_memory=config.max_memory)
-    if not weights.prequantized:  # such a checkpoint loads by its own quantization_config, checked against the job's
-        kwargs["quantization_config"] = quantization_config(config, device)
+    method = config.quantization.method if config.bits != 16 else None
+    if method and not weights.prequantized:  # such a checkpoint loads by its own quantization_config, checked against the job's
+        kwargs["quantization_config"] = method.load_config(config, device)
     if weights.kind == "synthetic":
         architecture = architecture_config(weights.architecture)
         state = synthetic_state_dict(architecture, weights.seed, dtype, distinct=device == "cpu", outliers=weights.outliers)
@@ -51,6 +53,8 @@ def load(job: Job) -> LoadedModel:
     start = time.perf_counter()
     with quantizable_linears():
         model = model_class.from_pretrained(source, **kwargs)
+    if method and not weights.prequantized:
+        method.quantize(model, config, device)  # methods transformers cannot load with quantize here
     synchronize(device)
     load_s = time.perf_counter() - start
     model.eval()

@@ -90,8 +90,8 @@ class JobResult:
     weight_bytes_per_step: int
     kv_bytes_per_token: float
     warmup_tokens: int  # generated untimed before the first timed generation
-    cpu_kernel: str | None  # bitsandbytes' CPU kernel for this mode, on a CPU run
-    int8_outliers: dict[str, float]  # LLM.int8's outlier path in the last decode step, by metric name; empty if none ran
+    backend_metrics: dict[str, float]  # the backend's own metrics (falcon_exp/backends/), by name
+    backend_tags: dict[str, str]  # the backend's own tags, by name
     noise: Noise
     task_results: str | None  # lm-evaluation-harness's results file (JSON), where quality.tasks ran
 
@@ -127,7 +127,7 @@ class JobResult:
         figures[schema.WARMUP_TOKENS_TOTAL] = self.warmup_tokens
         figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
         figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}
-        figures |= self.int8_outliers | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
+        figures |= self.backend_metrics | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
         figures |= {schema.NOISE_RERUN: self.noise.rerun, schema.NOISE_OFF: self.noise.still_off}
         figures |= {schema.read_bandwidth(method): value / 1e9 for method, value in self.bandwidth.readings.items()}
         return figures | {schema.READ_BANDWIDTH_GBS: self.bandwidth.read / 1e9, schema.COPY_BANDWIDTH_GBS: self.bandwidth.copy / 1e9,

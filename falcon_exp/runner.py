@@ -19,7 +19,6 @@ from falcon_exp.decode import Decoder, decoder_for
 from falcon_exp.job import Job
 from falcon_exp.measure import MemoryProbe, timed_generate
 from falcon_exp.models import MODELS
-from falcon_exp.quantization import cpu_kernel, int8_outliers
 from falcon_exp.records import JobResult, Sample, SweepNeeds, Timing
 
 
@@ -41,7 +40,9 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     warmup_tokens = bench.warm_up()
     probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
     samples, first_outputs = bench.timed(probe)
-    outliers = int8_outliers(model)  # of the last timed step, before re-runs and quality's forward passes overwrite it
+    method = job.config.quantization.method if job.config.bits != 16 else None
+    # the backend's own figures of the last timed step, before re-runs and quality's forward passes overwrite them
+    backend_metrics = method.run_metrics(model, job.config) if method else {}
     rerun = lambda off: bench.sample(off.prompt_index, off.repetition, probe)[0]
     samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
@@ -65,8 +66,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         weight_bytes_per_step=bench.weights_step,
         kv_bytes_per_token=decoder.kv_bytes_per_token,
         warmup_tokens=warmup_tokens,
-        cpu_kernel=cpu_kernel(job.config) if job.device == "cpu" else None,
-        int8_outliers=outliers,
+        backend_metrics=backend_metrics,
+        backend_tags=method.run_tags(model, job.config, job.device) if method else {},
         noise=found,
         task_results=task_results,
     )

@@ -71,16 +71,14 @@ MEMORY = _metrics(
     Metric(PEAK_RESERVED_GB, "GB", "as peak_allocated_gb, for memory the allocator reserved from the driver"),
     Metric(PROCESS_GB, "GB", "this process's memory on each model GPU as NVML reports it after the generation "
                              "(CUDA context, allocator reserve, libraries), and their sum"),
-    Metric(WEIGHTS_GB, "GB", "bytes of every parameter and buffer once, with bitsandbytes' quantization scales and the "
-                               "tensors inside torchao's weights (data, scales, zero points)"),
+    Metric(WEIGHTS_GB, "GB", "bytes of every parameter and buffer once, with the tensors a backend's layers store beside "
+                               "them or inside them (packed data, scales, zero points)"),
 )
 GB = 1e9  # memory figures are decimal gigabytes
 
 QUANTIZED_LAYERS = "quant/quantized_layers"
 LINEAR_LAYERS = "quant/linear_layers"
-# LLM.int8's outlier path, seen in each int8 layer's last matmul (the last timed decode step):
-INT8_OUTLIER_LAYERS = "quant/int8_outlier_layers"  # count: int8 layers that split off outlier columns (fp16 path)
-INT8_OUTLIER_COLUMNS = "quant/int8_outlier_columns"  # columns split off, the mean over all int8 layers
+# A backend's own metrics and tags are declared by the backend (falcon_exp/backends/).
 
 ROOFLINE = _metrics(
     Metric("roofline/read_bandwidth_gbs", "GB/s", "bytes read per second by the fastest of several reads of a large on-device "
@@ -207,7 +205,6 @@ def total(key: str) -> str:
 CONDITIONAL = {
     PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
-    INT8_OUTLIER_LAYERS: "in 8 bits with an outlier threshold above 0", INT8_OUTLIER_COLUMNS: "as int8_outlier_layers",
     CPU_WAIT_SHARE: "where Linux reports each thread's run-queue wait (/proc/self/task/*/schedstat)",
     **{key: "with quality.corpus set" for key in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
     **{key: "with quality.corpus set, against an unquantized reference" for key in CORPUS if key not in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
@@ -223,7 +220,6 @@ TAG_DECODE_PATH = "falcon_exp.decode_path"
 TAG_FAST_FALLBACK = "falcon_exp.fast_fallback"
 TAG_QUANTIZATION_REALISED = "falcon_exp.quantization_realised"
 TAG_QUANTIZATION_SOURCE = "falcon_exp.quantization_source"
-TAG_BNB_KERNEL = "falcon_exp.bnb_cpu_kernel"
 TAG_UNMEASURED = "falcon_exp.unmeasured"
 TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
 TAG_READ_METHOD = "falcon_exp.read_method"  # the way of reading that gave roofline/read_bandwidth_gbs
@@ -272,7 +268,6 @@ CONDITIONAL |= {
     TAG_FAST_FALLBACK: "when generation.fast runs without compilation or without a CUDA graph",
     TAG_UNMEASURED: "when a figure could not be measured (it then has no value)",
     TAG_ROOFLINE_WARNING: "when a sample decodes faster than the floor allows",
-    TAG_BNB_KERNEL: "on a CPU run of bitsandbytes in 4 or 8 bits",
     TAG_TEXT: "for synthetic weights",
     TAG_UNTESTED_VERSIONS: "when a library falcon-exp patches is at a version it was not tested with",
     TAG_SLURM_JOB: "in a SLURM job",

@@ -47,8 +47,7 @@ def _tags_of(result: JobResult) -> dict[str, str]:
         tags[schema.TAG_NOISE] = result.noise.said
     if result.fast_fallback:
         tags[schema.TAG_FAST_FALLBACK] = result.fast_fallback
-    if result.cpu_kernel:
-        tags[schema.TAG_BNB_KERNEL] = result.cpu_kernel
+    tags |= result.backend_tags
     if result.unmeasured:
         tags[schema.TAG_UNMEASURED] = "; ".join(f"{k}: {why}" for k, why in sorted(result.unmeasured.items()))
     above = [s.roofline_fraction for s in result.samples if s.roofline_fraction > 1]

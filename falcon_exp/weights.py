@@ -190,16 +190,16 @@ def resolve_pretrained(model: ModelConfig) -> str:
     return model.path
 
 
-def quantized_input_widths(weights: Weights) -> frozenset[int]:
-    """The input widths of the linear layers a quantizer replaces (all but the output head), read
+def quantized_layer_shapes(weights: Weights) -> frozenset[tuple[int, int]]:
+    """The (output, input) widths of the linear layers a quantizer replaces (all but the output head), read
     from the model's config on an empty skeleton; none where the config is not on disk yet (a hub
     id still to download: the loaded model's verification finds a layer left out). Built once per
     weights in a process: a sweep resolves each job before it starts, and again as it runs."""
-    return _input_widths(weights.identity, weights.kind, weights.source, weights.architecture)
+    return _layer_shapes(weights.identity, weights.kind, weights.source, weights.architecture)
 
 
 @functools.lru_cache(maxsize=8)
-def _input_widths(identity: str, kind: str, source: str | None, architecture: str | None) -> frozenset[int]:
+def _layer_shapes(identity: str, kind: str, source: str | None, architecture: str | None) -> frozenset[tuple[int, int]]:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -218,7 +218,7 @@ def _input_widths(identity: str, kind: str, source: str | None, architecture: st
     except (ValueError, OSError, KeyError) as error:  # a config.json transformers cannot build a model from
         raise ConfigError(f"model.path={source!r} holds a config.json transformers cannot build a model from "
                           f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    return frozenset(m.in_features for n, m in skeleton.named_modules()
+    return frozenset((m.out_features, m.in_features) for n, m in skeleton.named_modules()
                      if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION)
 
 

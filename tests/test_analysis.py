@@ -111,8 +111,9 @@ def test_roofline_rows_name_the_run_its_floor_and_its_commit(sweep_store):
         assert row["floor_ms_per_token"] == logged.metrics["roofline/floor_ms_per_token"]  # as logged, not a product of medians
         assert row["bandwidth"] == "read" and row["read_bandwidth_gbs"] == logged.metrics["roofline/read_bandwidth_gbs"]
         assert row["commit"] == logged.tags["git.commit"][:7]
-        # the threshold is LLM.int8's: shown for 8-bit rows only
-        assert (row["int8_threshold"] == float(logged.params["quantization.int8_threshold"])) == (row["bits"] == 8)
+        # the settings that apply at the run's bits: LLM.int8's threshold for 8-bit rows, none unquantized
+        threshold = f"int8_threshold={float(logged.params['quantization.bitsandbytes.int8_threshold'])}"
+        assert (row["settings"] == threshold) == (row["bits"] == 8) and (row["settings"] == "") == (row["bits"] == 16)
 
 
 def test_tidy_frame_has_a_row_per_run_and_prompt(sweep_store):
@@ -250,17 +251,24 @@ def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):
 
 
 def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path, monkeypatch, capsys):
-    """`-m quantization.backend=bitsandbytes,torchao bits=8`: one run per backend, told apart in every table."""
+    """`-m quantization.backend=bitsandbytes,torchao,hqq bits=4,16`: a run per backend and the bf16
+    baseline once, each verified, with quality against the same reference, told apart in every table."""
     uri = f"sqlite:///{tmp_path}/backends.db"
-    done = run_cli("-m", "quantization.backend=bitsandbytes,torchao", "bits=8", *QUICK, "repetitions=1", cwd=tmp_path,
-                   env={"MLFLOW_TRACKING_URI": uri})
+    done = run_cli("-m", "quantization.backend=bitsandbytes,torchao,hqq", "bits=4,16", *QUICK, "quality.enabled=true", "repetitions=1",
+                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ao-int8" in done.stderr and "Failed to load" not in done.stderr and "triton" not in done.stderr  # import noise stays out
+    assert "ao-int4" in done.stderr and "Failed to load" not in done.stderr and "triton" not in done.stderr  # import noise stays out
     out = analyse_in(tmp_path / "f", uri, monkeypatch, capsys)
-    assert "read 2 runs" in out
+    assert "read 4 runs" in out
     results = pd.read_csv(tmp_path / "f" / "figures" / "results.csv")
     assert sorted(zip(results["backend"], results["mode"], results["scheme"])) == [
-        ("bitsandbytes", "int8", "llm.int8"), ("torchao", "ao-int8", "int8_weight_only")]
+        ("bitsandbytes", "nf4", "nf4"), ("hqq", "hqq4", "hqq_4bit"), ("none", "bf16", "none"), ("torchao", "ao-int4", "int4_weight_only")]
+    quantized = results[results["backend"] != "none"]
+    assert (quantized["kl_mean"] > 0).all() and (quantized["weights_gb"] < results.loc[results["mode"] == "bf16", "weights_gb"].item()).all()
+    from falcon_exp.analysis.load import load
+
+    assert set(load(uri, sweep=None).runs.groupby("mode")["quant/quantized_layers"].first()) == {0, 16}
     assert "backend" in (tmp_path / "f" / "figures" / "comparison.md").read_text().splitlines()[0]
     comparison = pd.read_csv(tmp_path / "f" / "figures" / "comparison.csv")
-    assert comparison["time/decode_ms_per_token / int8"].notna().all()  # torchao's run against bitsandbytes' int8 too
+    assert list(comparison["mode"]) == ["nf4", "ao-int4", "hqq4", "bf16"]  # the backends' order, then the baseline
+    assert comparison["time/decode_ms_per_token / bf16"].notna().all()  # every backend against the one baseline

@@ -18,22 +18,24 @@ def _script(name: str):
     return module
 
 
-def test_the_matmuls_alone_are_every_linear_layer_and_the_bytes_they_hold():
-    """The step's matmuls, timed alone, call every linear layer and count all it holds (nf4:
-    packed weights with their scales): the model's bytes less those of the norms and buffers."""
+@pytest.mark.parametrize("backend", ["bitsandbytes", "hqq"])
+def test_the_matmuls_alone_are_every_linear_layer_and_the_bytes_they_hold(backend):
+    """The step's matmuls, timed alone, call every linear layer and count all it holds (nf4 and
+    hqq's 4-bit: packed weights with their scales): the model's bytes less those of the norms and buffers."""
     from conftest import resolve_job
     from falcon_exp.models import load
     from falcon_exp.quantization import weights_bytes
 
-    model = load(resolve_job("model=tiny-falcon", "bits=4")).model
+    job = resolve_job("model=tiny-falcon", "bits=4", f"quantization.backend={backend}")
+    model = load(job).model
     calls = []
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for _, m in job.config.quantization.method.layers(model)]
     for module in linears:
         module.register_forward_hook(lambda m, i, o: calls.append(m))
-    ms, held = _script("decode").matmuls_alone(model, "cpu")
+    ms, held = _script("decode").matmuls_alone(model, "cpu", job.config)
     assert ms > 0 and set(map(id, calls)) == set(map(id, linears)) and len(calls) % len(linears) == 0
     in_linears = {t.data_ptr() for m in linears for t in m.parameters()}  # tiny-falcon's head is its embedding
-    outside = sum(t.numel() * t.element_size() for m in model.modules() if not isinstance(m, torch.nn.Linear)
+    outside = sum(t.numel() * t.element_size() for m in model.modules() if not any(m is layer for layer in linears)
                   for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t.data_ptr() not in in_linears)
     assert held == weights_bytes(model) - outside
 

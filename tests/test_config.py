@@ -18,26 +18,39 @@ def test_defaults_compose_to_the_packaged_model_and_the_articles_prompts():
     assert config.model.name == "smollm2-135m-instruct" and config.model.weights == "packaged"
     assert config.prompts.name == "seed_en" and len(config.prompts.items) == 5
     assert config.prompts.items[4] == "What are the steps to perform an A/B test?"
-    assert (config.quantization.quant_type, config.quantization.compute_dtype) == ("nf4", "bfloat16")
-    assert config.bits == 4 and config.flat["bits"] == 4 and config.flat["quantization.int8_threshold"] == 6.0
+    assert (config.quantization.settings.quant_type, config.quantization.settings.compute_dtype) == ("nf4", "bfloat16")
+    assert config.bits == 4 and config.flat["bits"] == 4 and config.flat["quantization.bitsandbytes.int8_threshold"] == 6.0
     assert config.flat["prompts.name"] == "seed_en" and config.flat["model.name"] == "smollm2-135m-instruct"
 
 
 def test_modes_are_named_by_what_they_are():
     assert job("bits=4").mode == "nf4"
-    assert job("bits=4", "quantization.quant_type=fp4").mode == "fp4"
+    assert job("bits=4", "quantization.bitsandbytes.quant_type=fp4").mode == "fp4"
     assert job("bits=8").mode == "int8"
     assert job("bits=16").mode == "bf16"
     assert job("bits=16", "dtype=float32").mode == "fp32"
+    assert job("bits=4", "quantization.backend=torchao").mode == "ao-int4"
+    assert job("bits=8", "quantization.backend=torchao", "quantization.torchao.eight_bit=float8").scheme == "float8_weight_only"
+    assert (job("bits=4", "quantization.backend=hqq").mode, job("bits=8", "quantization.backend=hqq").scheme) == ("hqq4", "hqq_8bit")
+
+
+def test_a_run_logs_its_own_backends_settings_alone():
+    """A backend's settings are params of its runs only: an hqq run has no bitsandbytes quant_type."""
+    hqq = job("bits=4", "quantization.backend=hqq", "quantization.hqq.group_size=32").flat
+    assert {k: v for k, v in hqq.items() if k.startswith("quantization.")} == {
+        "quantization.backend": "hqq", "quantization.from_checkpoint": False, "quantization.hqq.group_size": 32, "quantization.hqq.axis": 1}
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["bits=3"], "bits=3 is not allowed; choose one of: 4, 8, 16"),
-        (["quantization.quant_type=int4"], "quantization.quant_type='int4' is not allowed; choose one of: nf4, fp4"),
-        (["quantization.compute_dtype=half"], "quantization.compute_dtype='half' is not allowed"),
-        (["quantization.int8_threshold=-1"], "quantization.int8_threshold=-1 is not allowed"),
+        (["quantization.bitsandbytes.quant_type=int4"], "quantization.bitsandbytes.quant_type='int4' is not allowed; choose one of: nf4, fp4"),
+        (["quantization.bitsandbytes.compute_dtype=half"], "quantization.bitsandbytes.compute_dtype='half' is not allowed"),
+        (["quantization.bitsandbytes.int8_threshold=-1"], "quantization.bitsandbytes.int8_threshold=-1 is not allowed"),
+        (["quantization.backend=gguf"], "quantization.backend='gguf' is not allowed; choose one of: bitsandbytes, torchao, hqq"),
+        (["quantization.hqq.axis=2"], "quantization.hqq.axis=2 is not allowed; choose one of: 0, 1"),
+        (["quantization.torchao.group_size=48"], "quantization.torchao.group_size=48 is not allowed; choose one of: 32, 64, 128"),
         (["device=tpu"], "device='tpu' is not allowed; choose one of: auto, cpu, cuda"),
         (["max_new_tokens=8"], "set exactly one of them"),
         (["max_length=null"], "set exactly one of them"),
@@ -110,9 +123,9 @@ def test_flatten_makes_dotted_keys():
 def test_load_order_puts_the_keys_that_shape_weights_first_and_keeps_the_rest_in_order():
     from falcon_exp.cli import load_order
 
-    given = ["-m", "max_length=40,48", "prompts=seed_zh", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon"]
+    given = ["-m", "max_length=40,48", "prompts=seed_zh", "bits=4,8", "quantization.bitsandbytes.quant_type=nf4,fp4", "model=tiny-falcon"]
     assert load_order(given) == [
-        "-m", "bits=4,8", "quantization.quant_type=nf4,fp4", "model=tiny-falcon", "max_length=40,48", "prompts=seed_zh"
+        "-m", "bits=4,8", "quantization.bitsandbytes.quant_type=nf4,fp4", "model=tiny-falcon", "max_length=40,48", "prompts=seed_zh"
     ]
     assert load_order(["--cfg", "job", "max_length=9", "seed=1"]) == ["--cfg", "job", "seed=1", "max_length=9"]
 
@@ -133,8 +146,9 @@ def test_the_command_line_writes_bits_as_integers_and_refuses_settings_beside_fr
     from falcon_exp.cli import check_checkpoint_overrides, integral_bits
 
     assert integral_bits(["-m", "bits=4.0,8", "max_length=60.0", "--cfg", "job"]) == ["-m", "bits=4,8", "max_length=60.0", "--cfg", "job"]
-    for given in (["quantization.from_checkpoint=true", "bits=8"], ["-m", "quantization.from_checkpoint=false,True", "quantization.quant_type=fp4"]):
-        with pytest.raises(ConfigError, match=r"^(bits=8|quantization.quant_type=fp4) beside quantization.from_checkpoint=true: the"):
+    for given in (["quantization.from_checkpoint=true", "bits=8"],
+                  ["-m", "quantization.from_checkpoint=false,True", "quantization.bitsandbytes.quant_type=fp4"]):
+        with pytest.raises(ConfigError, match=r"^(bits=8|quantization.bitsandbytes.quant_type=fp4) beside quantization.from_checkpoint=true: the"):
             check_checkpoint_overrides(given)
     check_checkpoint_overrides(["quantization.from_checkpoint=true", "model.path=ckpt", "max_length=60"])
     check_checkpoint_overrides(["quantization.from_checkpoint=false", "bits=8"])

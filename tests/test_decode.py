@@ -30,7 +30,7 @@ def tiny_job(*overrides: str):
 def tiny(request):
     """float32 activations: in bf16 a random model's near-tied logits round differently when the
     static cache's attention spans its padded length, which tests rounding, not the decoder."""
-    job = resolve_job("model=tiny-falcon", f"bits={request.param}", "dtype=float32", "quantization.compute_dtype=float32",
+    job = resolve_job("model=tiny-falcon", f"bits={request.param}", "dtype=float32", "quantization.bitsandbytes.compute_dtype=float32",
                       "device=cpu")
     return job.config, load(job).model
 
@@ -75,11 +75,11 @@ def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):
 
 
 def test_int8_with_outlier_threshold_names_why_it_cannot_be_graphed():
-    job = tiny_job("bits=8", "quantization.int8_threshold=6.0")
+    job = tiny_job("bits=8", "quantization.bitsandbytes.int8_threshold=6.0")
     decoder = FastDecoder.__new__(FastDecoder)
     decoder.model = torch.nn.Linear(2, 2)
     assert "int8_threshold=6.0" in decoder._why_no_graph(job, "cuda")
-    assert decoder._why_no_graph(tiny_job("bits=8", "quantization.int8_threshold=0"), "cuda") is None
+    assert decoder._why_no_graph(tiny_job("bits=8", "quantization.bitsandbytes.int8_threshold=0"), "cuda") is None
 
 
 def test_generation_fast_is_validated():
@@ -199,10 +199,10 @@ def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
     timing = Timing(prompt_tokens=5, new_tokens=8, generate_s=0.1, ttft_ms=10.0, decode_ms_per_token=1.0, e2e_tokens_per_s=80.0,
                     cpu_wait_share=0.0)
     samples = [Sample(0, r, "p", "o", timing, {}, floor, floor / 1.0) for r, floor in enumerate((0.8, 1.25))]
-    result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model), load_s=1.0, device="cpu", quality={},
+    result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model, job), load_s=1.0, device="cpu", quality={},
                        decode_path="eager", fast_fallback=None, weight_bytes_per_step=1,
                        bandwidth=Bandwidth(read=1e9, copy=1e9, read_method="reduction", readings={}),
-                       kv_bytes_per_token=1.0, warmup_tokens=0, cpu_kernel=None, int8_outliers={}, noise=Noise([], 0, None),
+                       kv_bytes_per_token=1.0, warmup_tokens=0, backend_metrics={}, backend_tags={}, noise=Noise([], 0, None),
                        task_results=None)
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning

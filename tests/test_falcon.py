@@ -9,8 +9,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from conftest import compose, run_cli
-from falcon_exp.quantization import bnb_config, quantizable_linears, verify
+from conftest import compose, load_config, run_cli
+from falcon_exp.quantization import quantizable_linears, verify
 from falcon_exp.weights import architecture_config, synthetic_state_dict
 
 
@@ -54,7 +54,7 @@ def test_a_falcon_40b_layer_is_quantized_through_the_real_path(bits, layer):
     quant = compose("model=falcon-40b-instruct", "model.weights=synthetic", f"bits={bits}")
     with quantizable_linears():
         model = FalconForCausalLM.from_pretrained(
-            None, config=config, state_dict=state, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu"
+            None, config=config, state_dict=state, quantization_config=load_config(quant), dtype=torch.bfloat16, device_map="cpu"
         )
     quantized = [n for n, m in model.named_modules() if isinstance(m, layer)]
     assert len(quantized) == 4 and verify(model, quant, "cpu").quantized_layers == 4

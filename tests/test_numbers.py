@@ -29,28 +29,30 @@ def children(store):
 
 def test_a_prequantized_checkpoint_is_refused_when_it_holds_other_than_asked(isolated):
     tmp_path, store = isolated
-    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.double_quant=true"))
-    done = run_cli(f"model.path={nf4}", "bits=4", "quantization.quant_type=fp4", *FEW, "max_new_tokens=4", cwd=tmp_path)
+    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.bitsandbytes.double_quant=true"))
+    done = run_cli(f"model.path={nf4}", "bits=4", "quantization.bitsandbytes.quant_type=fp4", *FEW, "max_new_tokens=4", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert f"model.path='{nf4}' carries its own quantization_config" in line
-    assert "quantization.quant_type asked fp4, found nf4; quantization.double_quant asked False, found True" in line
+    assert "quantization.bitsandbytes.quant_type asked fp4, found nf4; quantization.bitsandbytes.double_quant asked False, found True" in line
     client = MlflowClient(store)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # nothing logged
 
 
 def test_a_prequantized_checkpoint_taken_as_found_is_logged_as_found(isolated):
     tmp_path, store = isolated
-    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.double_quant=true"))
+    nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4", "quantization.bitsandbytes.double_quant=true"))
     done = run_cli(f"model.path={nf4}", "quantization.from_checkpoint=true", *FEW, "max_new_tokens=4",
                    f"prompts.file={tmp_path / 'two.yaml'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,), client = runs_of(store)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert (params["bits"], params["mode"], params["quantization.quant_type"], params["quantization.double_quant"]) == ("4", "nf4", "nf4", "True")
+    bnb = "quantization.bitsandbytes."
+    assert (params["bits"], params["mode"], params[bnb + "quant_type"], params[bnb + "double_quant"]) == ("4", "nf4", "nf4", "True")
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config/config.yaml")))  # what ran, not the defaults
-    assert (logged["bits"], logged["quantization"]["quant_type"], logged["quantization"]["double_quant"]) == (4, "nf4", True)
+    found = logged["quantization"]["bitsandbytes"]
+    assert (logged["bits"], found["quant_type"], found["double_quant"]) == (4, "nf4", True)
     assert run.data.tags["falcon_exp.quantization_source"].startswith("checkpoint")
     assert run.data.tags["falcon_exp.quantization_realised"] == "4bit"
     # no unquantized reference exists for such weights: quality says so instead of a number

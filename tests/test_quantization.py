@@ -9,29 +9,18 @@ import pytest
 import torch
 from transformers.models.falcon.modeling_falcon import FalconForCausalLM, FalconLinear
 
-from conftest import compose, resolve_job, save_tiny_falcon
-from falcon_exp.cache import content_hash
-from falcon_exp.compat import ADDED_IN_03, NOT_IN_01_IDENTITIES
+from conftest import compose, load_config, resolve_job, save_tiny_falcon
 from falcon_exp.config import JobConfig, knobs
 from falcon_exp.errors import ConfigError
-from falcon_exp.quantization import (
-    QuantizationNotRealised,
-    bnb_config,
-    differences,
-    inspect,
-    quantizable_linears,
-    quantization_config,
-    request_of_checkpoint,
-    stored_tensors,
-    verify,
-    weights_bytes,
-)
+from falcon_exp.job import checkpoint_request, differences
+from falcon_exp.quantization import QuantizationNotRealised, inspect, quantizable_linears, stored_tensors, verify, weights_bytes
 from falcon_exp.weights import architecture_config, synthetic_state_dict
 
 
-def ask(bits: int, **settings) -> JobConfig:
-    """A tiny-Falcon job asking for these bits and quantization settings, composed as on the command line."""
-    return compose("model=tiny-falcon", f"bits={bits}", *(f"quantization.{k}={v}" for k, v in settings.items()))
+def ask(bits: int, backend: str = "bitsandbytes", **settings) -> JobConfig:
+    """A tiny-Falcon job asking for these bits and the backend's settings, composed as on the command line."""
+    return compose("model=tiny-falcon", f"bits={bits}", f"quantization.backend={backend}",
+                   *(f"quantization.{backend}.{k}={v}" for k, v in settings.items()))
 
 
 def load_falcon(quant: JobConfig, make_quantizable: bool = True, **shape):
@@ -39,7 +28,7 @@ def load_falcon(quant: JobConfig, make_quantizable: bool = True, **shape):
     for key, value in shape.items():
         setattr(config, key, value)
     state = synthetic_state_dict(config, seed=0, dtype=torch.bfloat16, distinct=True)
-    kwargs = dict(config=config, state_dict=state, quantization_config=quantization_config(quant, "cpu"), dtype=torch.bfloat16,
+    kwargs = dict(config=config, state_dict=state, quantization_config=load_config(quant), dtype=torch.bfloat16,
                   device_map="cpu")
     if make_quantizable:
         with quantizable_linears():
@@ -61,7 +50,7 @@ def test_every_falcon_linear_but_the_head_is_quantized(bits, layer):
 def test_transformers_alone_leaves_falcon_unquantized_and_verify_refuses_it():
     """The silent failure of REFERENCE.md: FalconLinear is not exactly nn.Linear."""
     model = load_falcon(ask(4), make_quantizable=False)
-    assert inspect(model).realised == "none"
+    assert inspect(model, ask(4)).realised == "none"
     with pytest.raises(QuantizationNotRealised, match="layer asked Linear4bit, found FalconLinear in 16 of 16 linear layers"):
         verify(model, ask(4), "cpu")
 
@@ -75,7 +64,7 @@ def test_the_twin_class_is_restored_after_loading():
 
 
 def test_weight_footprints_order_4_8_16_and_count_the_scales():
-    sizes = {bits: inspect(load_falcon(ask(bits))).weights_bytes for bits in (4, 8, 16)}
+    sizes = {bits: inspect(load_falcon(ask(bits)), ask(bits)).weights_bytes for bits in (4, 8, 16)}
     assert sizes[4] < sizes[8] < sizes[16]
     linear_params = 4 * (256 * 384 + 256 * 256 + 2 * 256 * 1024)
     embedding = 49152 * 256 * 2
@@ -88,11 +77,10 @@ def test_weight_footprints_order_4_8_16_and_count_the_scales():
 
 
 def test_bnb_config_carries_every_knob():
-    four = bnb_config(ask(4, quant_type="fp4", compute_dtype="float16", double_quant=True))
+    four = load_config(ask(4, quant_type="fp4", compute_dtype="float16", double_quant=True))
     assert (four.bnb_4bit_quant_type, four.bnb_4bit_compute_dtype, four.bnb_4bit_use_double_quant) == ("fp4", torch.float16, True)
-    eight = bnb_config(ask(8, int8_threshold=0.0))
+    eight = load_config(ask(8, int8_threshold=0.0))
     assert eight.load_in_8bit and eight.llm_int8_threshold == 0.0
-    assert bnb_config(ask(16)) is None
 
 
 def test_verify_refuses_a_partly_quantized_model():
@@ -116,7 +104,7 @@ def load_checkpoint(path, quant: JobConfig):
     from transformers import AutoModelForCausalLM
 
     with quantizable_linears():
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant), dtype=torch.bfloat16, device_map="cpu")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=load_config(quant), dtype=torch.bfloat16, device_map="cpu")
 
 
 @pytest.mark.parametrize("checkpoint, asked, message", [
@@ -153,16 +141,16 @@ def test_a_bitsandbytes_layer_holding_unquantized_weights_does_not_pass():
 
 def test_the_checkpoints_own_settings_are_read_as_a_request():
     asked = ask(4, quant_type="fp4")
-    bits, four = request_of_checkpoint({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}, "ckpt", asked.quantization)
-    assert (bits, four.quant_type, four.compute_dtype, four.double_quant) == (4, "nf4", "bfloat16", True)
-    bits, eight = request_of_checkpoint({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 3.0}, "ckpt",
+    bits, four = checkpoint_request({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                     "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True}, "ckpt", asked.quantization)
+    assert (bits, four.settings.quant_type, four.settings.compute_dtype, four.settings.double_quant) == (4, "nf4", "bfloat16", True)
+    bits, eight = checkpoint_request({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 3.0}, "ckpt",
                                         asked.quantization)
-    assert (bits, eight.int8_threshold) == (8, 3.0)
+    assert (bits, eight.settings.int8_threshold) == (8, 3.0)
     assert differences(asked.knobs(), knobs(4, four)) == [
-        "quantization.quant_type asked fp4, found nf4", "quantization.double_quant asked False, found True"]
+        "quantization.bitsandbytes.quant_type asked fp4, found nf4", "quantization.bitsandbytes.double_quant asked False, found True"]
     with pytest.raises(ConfigError, match="holds gptq weights"):
-        request_of_checkpoint({"quant_method": "gptq", "bits": 4}, "ckpt", asked.quantization)
+        checkpoint_request({"quant_method": "gptq", "bits": 4}, "ckpt", asked.quantization)
 
 
 @pytest.mark.parametrize("planted", [0, 6])
@@ -171,24 +159,23 @@ def test_planted_outliers_send_llm_int8_down_its_outlier_path_and_only_then(plan
     never runs on tiny-falcon's; `model.synthetic_outliers` plants them (in the norms' gains), and then
     the int8 layers fed by the norms split exactly those hidden dims off to their fp16 path."""
     from conftest import resolve_job
-    from falcon_exp import schema
+    from falcon_exp.backends import bitsandbytes
     from falcon_exp.models import load
-    from falcon_exp.quantization import int8_outliers
     from falcon_exp.weights import outlier_dims
 
     job = resolve_job("model=tiny-falcon", "bits=8", f"model.synthetic_outliers={planted}")
     model = load(job).model
     with torch.inference_mode():
         model(torch.tensor([[11, 200, 300, 400, 500]]))
-    found = int8_outliers(model)
+    found = job.config.quantization.method.run_metrics(model, job.config)
     fed_by_norms = [m for n, m in model.named_modules() if n.endswith(("query_key_value", "dense_h_to_4h"))]
     assert fed_by_norms and all(isinstance(m, bnb.nn.Linear8bitLt) for m in fed_by_norms)
     if planted:
         dims = outlier_dims(model.config.hidden_size, planted, seed=0)
         assert all(sorted(m.state.idx.tolist()) == dims for m in fed_by_norms)
-        assert found[schema.INT8_OUTLIER_LAYERS] >= len(fed_by_norms) and found[schema.INT8_OUTLIER_COLUMNS] > 0
+        assert found[bitsandbytes.INT8_OUTLIER_LAYERS] >= len(fed_by_norms) and found[bitsandbytes.INT8_OUTLIER_COLUMNS] > 0
     else:
-        assert found == {schema.INT8_OUTLIER_LAYERS: 0, schema.INT8_OUTLIER_COLUMNS: 0.0}
+        assert found == {bitsandbytes.INT8_OUTLIER_LAYERS: 0, bitsandbytes.INT8_OUTLIER_COLUMNS: 0.0}
 
 
 def test_outliers_are_planted_only_in_synthetic_weights():
@@ -207,9 +194,9 @@ def _stored_bytes_of_linears(model) -> int:
 # (rows x columns) weight stores: int4 two weights a byte and a bf16 scale and zero per group of
 # 32; int8 a byte, a float32 scale and an int8 zero point per row; float8 a byte, a float32 scale.
 TORCHAO_CPU = {
-    "int4": (("bits=4", "quantization.group_size=32"), "Int4OpaqueTensor", lambda n, k: n * k // 2 + (k // 32) * n * 2 * 2),
+    "int4": (("bits=4", "quantization.torchao.group_size=32"), "Int4OpaqueTensor", lambda n, k: n * k // 2 + (k // 32) * n * 2 * 2),
     "int8": (("bits=8",), "Int8Tensor", lambda n, k: n * k + n * 4 + n),
-    "float8": (("bits=8", "quantization.torchao_8bit=float8"), "Float8Tensor", lambda n, k: n * k + n * 4),
+    "float8": (("bits=8", "quantization.torchao.eight_bit=float8"), "Float8Tensor", lambda n, k: n * k + n * 4),
 }
 
 
@@ -231,7 +218,7 @@ def test_torchao_weights_are_verified_and_their_bytes_counted_from_what_they_sto
                  if n.rsplit(".", 1)[0] not in linears)
     assert weights_bytes(loaded.model) == others + _stored_bytes_of_linears(loaded.model) < others + logical
     asked_otherwise = resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=8",
-                                  f"quantization.torchao_8bit={'int8' if scheme == 'float8' else 'float8'}").config
+                                  f"quantization.torchao.eight_bit={'int8' if scheme == 'float8' else 'float8'}").config
     with pytest.raises(QuantizationNotRealised, match=f"weight asked \\w+, found {subclass} in 16 of 16 linear layers"):
         verify(loaded.model, asked_otherwise, "cpu")
 
@@ -253,16 +240,16 @@ def test_a_group_size_that_does_not_divide_a_layer_leaves_it_unquantized_and_is_
     asked = ask(4, backend="torchao", group_size=64)
     model = load_falcon(asked, hidden_size=288)  # 288 = 4.5 groups of 64; the MLP's 1152 is 18
     with pytest.raises(QuantizationNotRealised, match="weight asked Int4OpaqueTensor, found Parameter in 12 of 16 linear layers; "
-                                                      ".* quantization.group_size=64 does not divide its input width"):
+                                                      ".* quantization.torchao.group_size=64 does not divide its input width"):
         verify(model, asked, "cpu")
 
 
 def test_what_the_config_alone_rules_out_for_torchao_is_refused_before_loading(tmp_path):
     """A group that does not divide a layer's input width (Falcon-7B's 4544 and 128), and torchao
     asked of a checkpoint that holds bitsandbytes weights: one line each, nothing loaded."""
-    with pytest.raises(ConfigError, match="^quantization.group_size=128 does not divide falcon-7b-instruct's layer input width 4544 "
+    with pytest.raises(ConfigError, match="^quantization.torchao.group_size=128 does not divide falcon-7b-instruct's layer input width 4544 "
                                           ".* allowed here: 32, 64$"):
-        resolve_job("model=falcon-7b-instruct", "model.weights=synthetic", "quantization.backend=torchao", "quantization.group_size=128")
+        resolve_job("model=falcon-7b-instruct", "model.weights=synthetic", "quantization.backend=torchao", "quantization.torchao.group_size=128")
     nf4 = save_tiny_falcon(tmp_path / "nf4", quantization=("model=tiny-falcon", "bits=4"))
     with pytest.raises(ConfigError, match="carries its own quantization_config.*: quantization.backend asked torchao, found bitsandbytes;"):
         resolve_job(f"model.path={nf4}", "bits=4", "quantization.backend=torchao")
@@ -273,15 +260,15 @@ def test_a_sweep_measures_what_repeats_an_earlier_job_once():
     from falcon_exp.sweep import repeated_jobs
 
     asked = [("bits=16",), ("bits=16", "quantization.backend=torchao"), ("bits=4",), ("bits=4", "quantization.backend=torchao"),
-             ("bits=16", "quantization.quant_type=fp4"), ("bits=4", "quantization.quant_type=fp4")]
+             ("bits=16", "quantization.bitsandbytes.quant_type=fp4"), ("bits=4", "quantization.bitsandbytes.quant_type=fp4")]
     jobs = [resolve_job("model=tiny-falcon", *overrides) for overrides in asked]
     assert repeated_jobs(jobs, [",".join(o) for o in asked]) == {"1": "bits=16", "4": "bits=16"}
     assert len({job.identity for job in jobs}) == len(jobs)  # identities (resume) stay as they were
 
 
 def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_device(monkeypatch):
-    with pytest.raises(ConfigError, match="^quantization.torchao_8bit=float8_dynamic needs a GPU of CUDA compute capability >= 8.9"):
-        resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=8", "quantization.torchao_8bit=float8_dynamic",
+    with pytest.raises(ConfigError, match="^quantization.torchao.eight_bit=float8_dynamic needs a GPU of CUDA compute capability >= 8.9"):
+        resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=8", "quantization.torchao.eight_bit=float8_dynamic",
                     "device=cpu")
     monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed
     missing = '^quantization.backend=torchao needs torchao, which is not installed: pip install "falcon-exp\\[torchao\\]"$'
@@ -290,11 +277,32 @@ def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_
     assert resolve_job("model=tiny-falcon", "quantization.backend=torchao", "bits=16").config.mode == "bf16"  # nothing to quantize
 
 
-def test_a_bitsandbytes_job_keeps_the_identity_it_had_before_the_backend_existed():
-    """resume=true must still find runs logged before quantization.backend was a setting, and
-    before the noise settings were: left at their defaults, they are not in the identity."""
+# Identities that 0.2's code (commit 9480a50) gave these jobs: runs logged then must still be found
+# by resume=true now that each backend's settings sit under its name.
+IDENTITIES_OF_02 = {
+    ("bits=4",): "02d648d2e80e1d20ae95c8c40fea2d37",
+    ("bits=8",): "e8c80074313e35f9f20d6b3ff20cdd27",
+    ("bits=16",): "f87ab73a3718fe21300e71c49d9482c9",
+    ("quantization.backend=torchao",): "aa50a7a311b4107be6467799f53711b1",
+    ("quantization.backend=torchao", "bits=8"): "b968f859727388366b26561dfa888b87",
+    ("quantization.backend=torchao", "bits=16"): "63e6d9cc11aee28da5313f92ea14afaa",
+    ("preset=article",): "9a534eef31399a81922256a2535d9aba",
+    ("quantization.backend=torchao", "bits=8", "quantization.torchao.eight_bit=float8"): "e50c7c953e025d4f8854cd730faa1a31",
+    ("bits=8", "quantization.bitsandbytes.int8_threshold=0"): "7083fe1b75276bb98b07b9817f89c3d1",
+}
+
+
+@pytest.mark.parametrize("overrides", IDENTITIES_OF_02)
+def test_earlier_releases_jobs_keep_their_identities(overrides):
+    """resume=true must still find runs logged by 0.1 (no backend setting), 0.2 (every backend's
+    settings flat in `quantization`) and before the noise and corpus settings (left at their defaults)."""
+    assert resolve_job("model=tiny-falcon", *overrides).identity == IDENTITIES_OF_02[overrides]
+
+
+def test_a_setting_that_applies_changes_the_identity():
     job = resolve_job("model=tiny-falcon", "bits=4")
-    before = {k: v for k, v in job.config.flat.items() if k not in ("resume", *NOT_IN_01_IDENTITIES, *ADDED_IN_03)}
-    assert job.identity == content_hash(before | {"prompts.items": list(job.config.prompts.items)})
     assert resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=torchao").identity != job.identity
     assert resolve_job("model=tiny-falcon", "bits=4", "noise.reruns=3").identity != job.identity
+    assert resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq").identity != job.identity
+    hqq = resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq", "quantization.hqq.group_size=32")
+    assert hqq.identity != resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq").identity

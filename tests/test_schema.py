@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, runs_of
-from falcon_exp import schema
+from falcon_exp import backends, schema
 
 ANALYSIS = REPO / "falcon_exp" / "analysis"
 PREFIXES = (schema.SAMPLE, schema.REP_STD, schema.TASK_PREFIX, schema.DROPPED)  # parts of names, not names
@@ -48,9 +48,10 @@ def test_every_name_the_analysis_reads_is_written_by_a_run(tiny_sweep):
         written |= set(run.data.metrics) | set(run.data.tags) | set(run.data.params)
     read = set().union(*(schema_names_read(p) for p in ANALYSIS.glob("*.py")))
     read |= {key + schema.REP_STD for key in tables.SPREAD}
-    read |= {k for k in [*tables.KEYS, *tables.RESULT_COLUMNS] if k not in (tables.PEAK_GB, "run_id")}  # params, by config key
+    read |= {k for k in [*tables.KEYS, *tables.RESULT_COLUMNS] if k not in (tables.PEAK_GB, "run_id")  # params, by config key
+             and not (k.startswith("quantization.") and not k.startswith(("quantization.bitsandbytes.", "quantization.backend")))}
     assert len(read) > 40
-    unwritten = sorted(name for name in read - written if name not in schema.CONDITIONAL)
+    unwritten = sorted(name for name in read - written if name not in schema.CONDITIONAL | backends.conditional())
     assert unwritten == [], f"the analysis reads names no run writes: {unwritten}"
 
 
@@ -66,19 +67,22 @@ def test_the_analysis_imports_no_inference_stack():
 
 def test_tag_and_metric_names_are_written_in_the_schema_alone():
     """Outside falcon_exp/schema.py no string of the package is a tag or metric name, or names one
-    in an MLflow filter (`tags.NAME`, `metrics.NAME`): they are read through the schema's names.
-    One-word tags (host, cpu, device, python) are also ordinary words, and are left out."""
-    names = {value for key, value in vars(schema).items() if key.isupper() and isinstance(value, str)
+    in an MLflow filter (`tags.NAME`, `metrics.NAME`): they are read through the schema's names. A
+    backend's own names are written in its module alone. One-word tags (host, cpu, device, python)
+    are also ordinary words, and are left out."""
+    names = {value: "schema.py" for key, value in vars(schema).items() if key.isupper() and isinstance(value, str)
              and ("." in value or "/" in value or "_" in value) and value not in PREFIXES}
-    names |= {schema.version_tag("torch")}
-    assert {schema.TAG_CONFIG_HASH, schema.TAG_GIT_COMMIT, schema.DECODE_MS_PER_TOKEN, schema.ROOFLINE_FRACTION} <= names
+    names |= {schema.version_tag("torch"): "schema.py"}
+    for method in backends.REGISTRY.values():
+        module = f"{type(method).__module__.rsplit('.', 1)[1]}.py"
+        names |= {name: module for name in [*(m.key for m in method.metrics), *method.tags]}
+    assert {schema.TAG_CONFIG_HASH, schema.TAG_GIT_COMMIT, schema.DECODE_MS_PER_TOKEN, schema.ROOFLINE_FRACTION} <= set(names)
+    assert names["falcon_exp.bnb_cpu_kernel"] == "bitsandbytes.py"
     found = []
     for path in sorted((REPO / "falcon_exp").rglob("*.py")):
-        if path.name == "schema.py":
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 text = node.value
-                if text in names or any(f"{kind}.{name}" in text for name in names for kind in ("tags", "metrics")):
-                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {text!r}")
-    assert found == [], "names written outside falcon_exp/schema.py:\n" + "\n".join(found)
+                written = [name for name in names if text == name or f"tags.{name}" in text or f"metrics.{name}" in text]
+                found += [f"{path.relative_to(REPO)}:{node.lineno}: {text!r}" for name in written if path.name != names[name]]
+    assert found == [], "names written outside where they are declared:\n" + "\n".join(found)

@@ -104,14 +104,14 @@ def against_profiler(decoder, ids, tokens, device) -> None:
           f"({what}): harness/profiler {timing.generate_s * 1e3 / profiled_ms:.4f}")
 
 
-def matmuls_alone(model, device: str) -> tuple[float, int]:
+def matmuls_alone(model, device: str, config) -> tuple[float, int]:
     """The ms one decode step spends in its linear layers alone (each once, at batch 1, in module
     order, their kernels captured as one CUDA graph so no launch or Python cost is counted; on the
     CPU, or where a layer cannot be captured, called plainly), and the bytes those layers hold."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for _, m in config.quantization.method.layers(model)]
     where = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype, device=where) for m in linears]
+    inputs = [torch.randn(1, 1, input_width(m), dtype=dtype, device=where) for m in linears]
 
     def step() -> None:
         for module, x in zip(linears, inputs):
@@ -130,6 +130,15 @@ def matmuls_alone(model, device: str) -> tuple[float, int]:
     print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
     return ms, held
+
+
+def input_width(layer) -> int:
+    """A linear layer's input width: nn.Linear's, hqq's tinygemm layer's before its padding, or
+    the shape in an HQQLinear's metadata."""
+    for name in ("origin_in_features", "in_features"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    return layer.meta["shape"][1]
 
 
 def main() -> None:
@@ -192,7 +201,7 @@ def main() -> None:
                       + (f" (first difference at token {first})" if first is not None else ""))
         if "matmuls" in args.show:
             print("(4) the step's matmuls alone")
-            matmul_ms, held = matmuls_alone(model, device)
+            matmul_ms, held = matmuls_alone(model, device, job.config)
             fast_ms = results[True][0] if True in results and decoders[True].graph is not None else None
             if fast_ms is not None and rest_ms is None:
                 rest_ms = fast_ms - matmul_ms

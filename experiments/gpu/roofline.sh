@@ -5,7 +5,7 @@
 #   STORE=/some/dir bash experiments/gpu/roofline.sh bench | matmuls | 7b [OVERRIDE...] | 40b [OVERRIDE...]
 # `matmuls`: Falcon-7B's fast bf16 step split into its matmuls and the rest, then every 4- and
 # 8-bit mode's matmuls alone (experiments/benchmarks/decode.py, sections 3 and 4).
-# e.g. `7b bits=8 quantization.int8_threshold=0`; without overrides 7B runs bits=16,4,8, 40B bits=4,8.
+# e.g. `7b bits=8 quantization.bitsandbytes.int8_threshold=0`; without overrides 7B runs bits=16,4,8, 40B bits=4,8.
 # FAST=true (or false) runs one decode path instead of both.
 set -uo pipefail
 store=${STORE:-$PWD/mlruns}
@@ -21,10 +21,10 @@ case $what in
   matmuls)
     bench=(python experiments/benchmarks/decode.py --model falcon-7b-instruct --weights synthetic --rounds 5)
     "${bench[@]}" --runs bits=16 --show floor matmuls --decoders fast
-    "${bench[@]}" --show matmuls --runs bits=4 "bits=8 quantization.int8_threshold=0" \
+    "${bench[@]}" --show matmuls --runs bits=4 "bits=8 quantization.bitsandbytes.int8_threshold=0" \
       "bits=4 quantization.backend=torchao" "bits=8 quantization.backend=torchao" \
-      "bits=8 quantization.backend=torchao quantization.torchao_8bit=float8" \
-      "bits=8 quantization.backend=torchao quantization.torchao_8bit=float8_dynamic" \
+      "bits=8 quantization.backend=torchao quantization.torchao.eight_bit=float8" \
+      "bits=8 quantization.backend=torchao quantization.torchao.eight_bit=float8_dynamic" \
       bits=8 ;;  # last: LLM.int8's outlier path syncs with the host, so its layers are timed without a graph
   7b)    sweep model=falcon-7b-instruct max_new_tokens=64 repetitions=2 warmup=1 "${@:-bits=16,4,8}" ;;
   40b)   sweep model=falcon-40b-instruct max_new_tokens=32 repetitions=1 warmup=1 "${@:-bits=4,8}" ;;

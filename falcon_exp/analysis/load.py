@@ -123,11 +123,11 @@ def load(uri: str, experiment: str = "falcon-exp", sweep: str | None = "latest",
 
 
 def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
-    """Backend and scheme for every run; the unquantized baseline (scheme none) has no backend,
-    whatever `quantization.backend` its config held."""
+    """Backend and scheme for every run, earlier releases' settings under today's keys; the
+    unquantized baseline (scheme none) has no backend, whatever `quantization.backend` its config held."""
     if runs.empty:
         return runs
-    runs = compat.with_backend_and_scheme(runs, BACKEND, SCHEME)
+    runs = compat.with_settings_under_backends(compat.with_backend_and_scheme(runs, BACKEND, SCHEME))
     return runs.assign(**{BACKEND: runs[BACKEND].where(runs[SCHEME] != "none", "none")})
 
 

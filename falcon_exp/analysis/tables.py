@@ -3,12 +3,13 @@ they are, the spread between repetitions, and ratios against a reference mode.""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 import pandas as pd
 
-from falcon_exp import compat, schema
+from falcon_exp import backends, compat, schema
 from falcon_exp.analysis.load import BACKEND, MODE, SCHEME
 from falcon_exp.cache import replaced
 from falcon_exp.records import noise_summary
@@ -51,12 +52,13 @@ SPREAD_NOTE = ("Timing columns: median over prompts x repetitions [the lowest, t
 NOISE_NOTE = ("noise: generations a busy machine disturbed (over noise.max_ratio x their prompt's quickest, or waiting for a CPU "
               "over noise.max_cpu_wait of their time), run again, and those still off after the re-runs, which stay in the medians.")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
-# Config keys that identify a configuration when a sweep varies them.
+# Config keys that identify a configuration when a sweep varies them (each backend's own settings after the mode's).
 KEYS = ("model.name", MODE, BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
-        "quantization.quant_type", "quantization.compute_dtype", "quantization.double_quant", "quantization.int8_threshold",
-        "quantization.group_size", "quantization.torchao_8bit", "dtype", "force_length", "quality.corpus", "quality.corpus_context",
-        "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens", "quality.tasks", "quality.limit")
-MODE_ORDER = {m: i for i, m in enumerate(("nf4", "fp4", "ao-int4", "int8", "ao-int8", "ao-fp8", "ao-fp8dyn", "bf16", "fp16", "fp32"))}
+        *(f"quantization.{b.name}.{f.name}" for b in backends.REGISTRY.values() for f in dataclasses.fields(b.settings)),
+        "dtype", "force_length", "quality.corpus", "quality.corpus_context", "quality.corpus_stride", "quality.corpus_tokens",
+        "quality.kl_tokens", "quality.tasks", "quality.limit")
+BASELINES = ("bf16", "fp16", "fp32")  # the unquantized modes, by dtype
+MODE_ORDER = {m: i for i, m in enumerate([mode.mode for mode in backends.modes()] + list(BASELINES))}
 
 
 def column(frame: pd.DataFrame, key: str, default: object = float("nan")) -> pd.Series:
@@ -97,9 +99,10 @@ def ordered(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def reference_mode(runs: pd.DataFrame) -> str | None:
-    """Ratios are against the unquantized baseline when the runs have one, else against int8."""
+    """Ratios are against the unquantized baseline when the runs have one, else against the first
+    8-bit mode (LLM.int8 beside NF4, as the article compared them)."""
     modes = set(runs[MODE])
-    return next((m for m in ("bf16", "fp16", "fp32", "int8") if m in modes), None)
+    return next((m for m in (*BASELINES, *(mode.mode for mode in backends.modes() if mode.bits == 8)) if m in modes), None)
 
 
 def repetition_range(samples: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -238,7 +241,8 @@ def results(runs: pd.DataFrame) -> pd.DataFrame:
 
 def roofline(runs: pd.DataFrame) -> pd.DataFrame:
     """Eager against fast decoding, one row per run: `mode` is eager or fast here, `quant` the
-    weights' mode (with LLM.int8's outlier threshold, which decides whether a graph can hold it);
+    weights' mode and `settings` its backend's settings that apply (LLM.int8's outlier threshold
+    decides whether a graph can hold it);
     the floor as logged and its inputs, the path the fast decoder took and the commit that ran.
     Runs of earlier releases logged a floor against the copy bandwidth and no floor of their own:
     their `bandwidth` column says so and their floor is left empty."""
@@ -256,7 +260,7 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "peak_memory_gb": runs[PEAK_GB],
         "quant": runs[MODE],
         "backend": backend,
-        "int8_threshold": column(runs, "quantization.int8_threshold").where((runs["bits"] == 8) & (backend == "bitsandbytes")),
+        "settings": settings_applying(runs),
         "new_tokens": column(runs, "max_new_tokens"),
         "floor_ms_per_token": column(runs, schema.FLOOR_MS_PER_TOKEN),
         "bandwidth": read.notna().map({True: "read", False: "copy"}),
@@ -270,3 +274,13 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "run_id": runs["run_id"],
     })
     return table.reset_index(drop=True)
+
+
+def settings_applying(runs: pd.DataFrame) -> pd.Series:
+    """`int8_threshold=0.0`: each quantized run's backend settings that apply at its bits."""
+    def shown(run: pd.Series) -> str:
+        if run[BACKEND] not in backends.names() or run["bits"] == 16:
+            return ""
+        return ", ".join(f"{k}={run.get(f'quantization.{run[BACKEND]}.{k}')}" for k in backends.get(run[BACKEND]).knobs(run["bits"]))
+
+    return runs.apply(shown, axis=1) if len(runs) else pd.Series(dtype=object)

@@ -1,0 +1,174 @@
+"""HQQ (Half-Quadratic Quantization, Badri and Shaji 2023): calibration-free 4- and 8-bit weights
+with a zero point and a scale per group, fitted by a half-quadratic solver. transformers'
+HqqConfig path does not load in 5.17-5.24 (its quantizer has no `get_quantize_ops`), so the
+model loads unquantized and every linear layer but the output head is replaced by hqq's own
+`HQQLinear` after loading.
+
+Kernels: on the CPU, and wherever no faster one applies, hqq's torch backend (dequantize the
+layer, then a matmul). On a GPU, 4-bit with axis=1 in bfloat16 runs torchao's tinygemm int4
+kernel (hqq's `torchao_int4` backend, patched layer by layer so that hqq's recommended inductor
+settings, which prepare_for_inference turns on, stay off). The tag falcon_exp.hqq_kernel names
+the kernel that ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from falcon_exp.backends.base import Backend, Mode, register
+from falcon_exp.checks import one_of
+from falcon_exp.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from falcon_exp.config import JobConfig
+    from falcon_exp.weights import Weights
+
+GROUP_SIZES = (32, 64, 128)
+AXES = (0, 1)  # the dimension a group runs along: 1 (input) is the one GPU kernels take
+TAG_KERNEL = "falcon_exp.hqq_kernel"
+TORCH_KERNEL = "hqq torch backend: dequantize, then a matmul"
+TINYGEMM_KERNEL = "torchao tinygemm int4 (hqq's torchao_int4 backend)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    group_size: int  # weights per scale and zero point
+    axis: int  # 1: groups along a row (the input dimension); 0: along a column
+
+    def __post_init__(self) -> None:
+        one_of("quantization.hqq.group_size", self.group_size, GROUP_SIZES)
+        one_of("quantization.hqq.axis", self.axis, AXES)
+
+
+@register
+class Hqq(Backend):
+    name = "hqq"
+    settings = Settings
+    modes = (Mode(4, "hqq_4bit", "hqq4"), Mode(8, "hqq_8bit", "hqq8"))
+    packages = ("hqq",)
+    extra = "hqq"
+    tested = {"hqq": ("0.2.8.post1",)}  # its layers' metadata, and its version check (_to_tinygemm)
+    since = "0.3"
+    tags = {TAG_KERNEL: "on an hqq run: the kernel its layers ran"}
+
+    def mode(self, bits: int, settings: Settings) -> Mode:
+        return next(m for m in self.modes if m.bits == bits)
+
+    def check(self, config: JobConfig, device: str, weights: Weights) -> None:
+        """Its groups tile every layer it quantizes: along a row, the input width; along a column,
+        the output width (else a group would straddle two rows or columns)."""
+        from falcon_exp.weights import quantized_layer_shapes
+
+        settings = config.quantization.settings
+        widths = {shape[settings.axis] for shape in quantized_layer_shapes(weights)}
+        if undivided := sorted(w for w in widths if w % settings.group_size):
+            fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+            side = "input" if settings.axis == 1 else "output"
+            raise ConfigError(f"quantization.hqq.group_size={settings.group_size} does not divide {config.model.name}'s layer {side} "
+                              f"width {', '.join(map(str, undivided))} (quantization.hqq.axis={settings.axis}); "
+                              f"allowed here: {', '.join(map(str, fitting)) or 'none'}")
+
+    def quantize(self, model: torch.nn.Module, config: JobConfig, device: str) -> None:
+        import torch
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        from falcon_exp.quantization import KEEP_FULL_PRECISION
+
+        settings, dtype = config.quantization.settings, getattr(torch, config.dtype)
+        quant_config = BaseQuantizeConfig(nbits=config.bits, group_size=settings.group_size, axis=settings.axis)
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
+        for name, linear in linears:
+            parent, _, child = name.rpartition(".")
+            where = linear.weight.device  # HQQLinear drops the layer's own weight
+            layer = HQQLinear(linear, quant_config, compute_dtype=dtype, device=str(where))
+            if _tinygemm_applies(config, where.type):
+                layer = _to_tinygemm(layer)
+            setattr(model.get_submodule(parent), child, layer)
+
+    def layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        import torch
+
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or self.is_quantized(m)]
+
+    def is_quantized(self, module: torch.nn.Module) -> bool:
+        return type(module).__name__ in ("HQQLinear", "HQQLinearTorchWeightOnlynt4")
+
+    def findings(self, module: torch.nn.Module, config: JobConfig, device: str) -> tuple[dict, dict]:
+        """Layer class, bits, group size, axis and compute dtype as the layer's own metadata says,
+        and the bytes of its packed weights (bits/8 a weight; tinygemm's layout pads the input
+        width to a multiple of 1024)."""
+        import torch
+
+        settings, dtype = config.quantization.settings, getattr(torch, config.dtype)
+        tinygemm = _tinygemm_applies(config, device)
+        asked = {"layer": "HQQLinearTorchWeightOnlynt4" if tinygemm else "HQQLinear", "bits": config.bits,
+                 "group_size": settings.group_size, "axis": settings.axis, "compute_dtype": dtype}
+        if type(module).__name__ == "HQQLinearTorchWeightOnlynt4":
+            shape = (module.out_features, module.in_features)
+            found = {"bits": module.nbits, "group_size": module.groupsize, "axis": module.axis, "weight bytes": _bytes(module.weight_int4pack)}
+        elif type(module).__name__ == "HQQLinear":
+            meta = module.meta
+            shape = tuple(meta["shape"])
+            found = {"bits": meta["nbits"], "group_size": meta["group_size"], "axis": meta["axis"], "weight bytes": _bytes(module.W_q)}
+        else:
+            shape = tuple(module.weight.shape)
+            found = {"bits": 16, "group_size": None, "axis": None, "weight bytes": _bytes(module.weight)}
+        asked["weight bytes"] = math.prod(shape) * config.bits // 8
+        compute = module.compute_dtype if self.is_quantized(module) else module.weight.dtype
+        found |= {"layer": type(module).__name__, "compute_dtype": compute}
+        return asked, found
+
+    def stored(self, module: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """The packed weights, scales and zero points (kept in `meta` or as plain attributes,
+        neither parameters nor buffers)."""
+        import torch
+
+        if not self.is_quantized(module):
+            return
+        held = list(vars(module).values()) + list((getattr(module, "meta", None) or {}).values())
+        yield from (t for t in held if isinstance(t, torch.Tensor))
+
+    def run_tags(self, model: torch.nn.Module, config: JobConfig, device: str) -> dict[str, str]:
+        return {TAG_KERNEL: TINYGEMM_KERNEL if _tinygemm_applies(config, device) else TORCH_KERNEL}
+
+
+def _tinygemm_applies(config: JobConfig, device: str) -> bool:
+    """Whether tinygemm's int4 kernel takes these layers: a GPU, 4 bits, groups along rows, bfloat16."""
+    return device == "cuda" and config.bits == 4 and config.quantization.settings.axis == 1 and config.dtype == "bfloat16"
+
+
+def _to_tinygemm(layer: torch.nn.Module) -> torch.nn.Module:
+    """hqq's HQQLinear as tinygemm's int4 layer. hqq 0.2.8 packs the weights for torch >= 2.5 only
+    when `float(torch.__version__[:3]) >= 2.5`, which reads torch 2.11 as 2.1 and skips the packing
+    that tinygemm needs (hqq/backends/torchao.py): its version reads as a 2.5 or later while it converts."""
+    import torch
+    from hqq.backends.torchao import patch_hqq_to_aoint4
+
+    with _version_read_as("2.5" if torch.__version__ >= "2.5" else torch.__version__[:3]):
+        return patch_hqq_to_aoint4(layer, None)
+
+
+@contextlib.contextmanager
+def _version_read_as(short: str) -> Iterator[None]:
+    import torch
+
+    class Version(type(torch.__version__)):
+        def __getitem__(self, key: object) -> str:
+            return short if key == slice(None, 3) else super().__getitem__(key)
+
+    saved = torch.__version__
+    torch.__version__ = Version(saved)
+    try:
+        yield
+    finally:
+        torch.__version__ = saved
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
