@@ -5,10 +5,10 @@ model loads unquantized and every linear layer but the output head is replaced b
 `HQQLinear` after loading.
 
 Kernels: on the CPU, and wherever no faster one applies, hqq's torch backend (dequantize the
-layer, then a matmul). On a GPU, 4-bit with axis=1 in bfloat16 runs torchao's tinygemm int4
-kernel (hqq's `torchao_int4` backend, patched layer by layer so that hqq's recommended inductor
-settings, which prepare_for_inference turns on, stay off). The tag falcon_exp.hqq_kernel names
-the kernel that ran.
+layer, then a matmul). On a GPU, 4-bit with axis=1 in bfloat16 runs tinygemm's int4 kernel
+(the layer of hqq's `torchao_int4` backend, built layer by layer rather than through
+prepare_for_inference, which turns on inductor settings the project keeps off). The tag
+falcon_exp.hqq_kernel names the kernel that ran.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Hqq(Backend):
     modes = (Mode(4, "hqq_4bit", "hqq4"), Mode(8, "hqq_8bit", "hqq8"))
     packages = ("hqq",)
     extra = "hqq"
-    tested = {"hqq": ("0.2.8.post1",)}  # its layers' metadata, and its version check (_to_tinygemm)
+    tested = {"hqq": ("0.2.8.post1",)}  # its layers' metadata, and its version check (_tinygemm_layer)
     since = "0.3"
     tags = {TAG_KERNEL: "on an hqq run: the kernel its layers ran"}
 
@@ -86,9 +86,10 @@ class Hqq(Backend):
         for name, linear in linears:
             parent, _, child = name.rpartition(".")
             where = linear.weight.device  # HQQLinear drops the layer's own weight
-            layer = HQQLinear(linear, quant_config, compute_dtype=dtype, device=str(where))
             if _tinygemm_applies(config, where.type):
-                layer = _to_tinygemm(layer)
+                layer = _tinygemm_layer(linear, quant_config, where)
+            else:
+                layer = HQQLinear(linear, quant_config, compute_dtype=dtype, device=str(where))
             setattr(model.get_submodule(parent), child, layer)
 
     def layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -110,7 +111,7 @@ class Hqq(Backend):
         asked = {"layer": "HQQLinearTorchWeightOnlynt4" if tinygemm else "HQQLinear", "bits": config.bits,
                  "group_size": settings.group_size, "axis": settings.axis, "compute_dtype": dtype}
         if type(module).__name__ == "HQQLinearTorchWeightOnlynt4":
-            shape = (module.out_features, module.in_features)
+            shape = (module.out_features, module.origin_in_features)
             found = {"bits": module.nbits, "group_size": module.groupsize, "axis": module.axis, "weight bytes": _bytes(module.weight_int4pack)}
         elif type(module).__name__ == "HQQLinear":
             meta = module.meta
@@ -119,6 +120,8 @@ class Hqq(Backend):
         else:
             shape = tuple(module.weight.shape)
             found = {"bits": 16, "group_size": None, "axis": None, "weight bytes": _bytes(module.weight)}
+        if tinygemm:  # its layout pads the input width to a multiple of 1024 (the padding is read too)
+            shape = (shape[0], -(-shape[1] // 1024) * 1024)
         asked["weight bytes"] = math.prod(shape) * config.bits // 8
         compute = module.compute_dtype if self.is_quantized(module) else module.weight.dtype
         found |= {"layer": type(module).__name__, "compute_dtype": compute}
@@ -143,15 +146,21 @@ def _tinygemm_applies(config: JobConfig, device: str) -> bool:
     return device == "cuda" and config.bits == 4 and config.quantization.settings.axis == 1 and config.dtype == "bfloat16"
 
 
-def _to_tinygemm(layer: torch.nn.Module) -> torch.nn.Module:
-    """hqq's HQQLinear as tinygemm's int4 layer. hqq 0.2.8 packs the weights for torch >= 2.5 only
-    when `float(torch.__version__[:3]) >= 2.5`, which reads torch 2.11 as 2.1 and skips the packing
-    that tinygemm needs (hqq/backends/torchao.py): its version reads as a 2.5 or later while it converts."""
+def _tinygemm_layer(linear: torch.nn.Module, quant_config: dict, where: torch.device) -> torch.nn.Module:
+    """A linear layer quantized by HQQ straight into tinygemm's int4 layout (hqq's
+    HQQLinearTorchWeightOnlynt4), its input width zero-padded to a multiple of 1024 as the kernel
+    needs (Falcon-7B's 4544 is not one; hqq's conversion of an HQQLinear cannot pad). hqq 0.2.8
+    packs the weights for torch >= 2.5 only when `float(torch.__version__[:3]) >= 2.5`, which reads
+    torch 2.11 as 2.1 and skips the packing tinygemm needs (hqq/backends/torchao.py): torch's
+    version reads as a 2.5 or later while it packs."""
     import torch
-    from hqq.backends.torchao import patch_hqq_to_aoint4
+    from hqq.backends.torchao import HQQLinearTorchWeightOnlynt4
 
+    layer = HQQLinearTorchWeightOnlynt4(None, quant_config, compute_dtype=torch.bfloat16, device=str(where), initialize=False,
+                                        padding=True)
+    layer.linear_layer = linear
     with _version_read_as("2.5" if torch.__version__ >= "2.5" else torch.__version__[:3]):
-        return patch_hqq_to_aoint4(layer, None)
+        return layer.initialize()
 
 
 @contextlib.contextmanager
