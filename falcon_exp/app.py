@@ -7,7 +7,6 @@ job that fails at run time is logged as FAILED; inside a sweep the sweep goes on
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def _config_as_run(cfg: DictConfig, job: Job) -> str:
     """The resolved config as YAML, with the bits and quantization settings that ran: a
     checkpoint's own where quantization.from_checkpoint took them, not the defaults beside them."""
     ran = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    ran.bits, ran.quantization = job.config.bits, dataclasses.asdict(job.config.quantization)
+    ran.bits, ran.quantization = job.config.bits, job.config.quantization.params()
     return OmegaConf.to_yaml(ran)
 
 
