@@ -255,7 +255,7 @@ def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path
     baseline once, each verified, with quality against the same reference, told apart in every table."""
     uri = f"sqlite:///{tmp_path}/backends.db"
     done = run_cli("-m", "quantization.backend=bitsandbytes,torchao,hqq", "bits=4,16", *QUICK, "quality.enabled=true", "repetitions=1",
-                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, fresh=True)  # the backends' import noise is kept out
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ao-int4" in done.stderr and "Failed to load" not in done.stderr and "triton" not in done.stderr  # import noise stays out
     out = analyse_in(tmp_path / "f", uri, monkeypatch, capsys)

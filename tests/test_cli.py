@@ -23,7 +23,7 @@ def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path):
         ("bits=[",): "no viable alternative at input '['",
     }  # the other checks' messages: tests/test_config.py, in-process
     for args, message in cases.items():
-        done = run_cli(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+        done = run_cli(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, fresh=True)  # nothing imported says a word first
         assert done.returncode == 2, (args, done.stderr[-2000:])
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("falcon-exp: error: ") and message in lines[0], (args, lines[-5:])
