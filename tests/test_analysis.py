@@ -250,6 +250,34 @@ def test_runs_of_an_earlier_release_are_read_under_todays_names(tmp_path):
     assert (loaded.runs.loc[0, "quantization.backend"], loaded.runs.loc[0, "scheme"]) == ("bitsandbytes", "nf4")  # the only one then
 
 
+def test_runs_of_0_2_read_their_flat_settings_under_their_backend(tmp_path):
+    """0.2 logged every backend's settings flat on every run (quantization.quant_type on a torchao
+    run too): each is read under its backend's key, on that backend's runs alone."""
+    from mlflow import MlflowClient
+
+    from falcon_exp.analysis.load import load
+
+    uri = f"sqlite:///{tmp_path}/old.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("falcon-exp")
+    flat = {"quantization.quant_type": "fp4", "quantization.int8_threshold": "6.0", "quantization.group_size": "64",
+            "quantization.torchao_8bit": "int8", "bits": "4"}
+    for backend, mode, scheme in (("bitsandbytes", "fp4", "fp4"), ("torchao", "ao-int4", "int4_weight_only")):
+        run = client.create_run(experiment, run_name=backend)
+        for key, value in (flat | {"quantization.backend": backend, "mode": mode, "scheme": scheme}).items():
+            client.log_param(run.info.run_id, key, value)
+        for key in ("time/decode_ms_per_token", "time/generate_s", "memory/weights_gb", "sample/time/generate_s",
+                    "sample/time/decode_ms_per_token"):
+            client.log_metric(run.info.run_id, key, 1.0, step=0)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    runs = load(uri, sweep=None).runs.set_index("quantization.backend")
+    assert not any(key in runs for key in flat if key != "bits")
+    assert runs.loc["bitsandbytes", "quantization.bitsandbytes.quant_type"] == "fp4"
+    assert pd.isna(runs.loc["torchao", "quantization.bitsandbytes.quant_type"])
+    assert runs.loc["torchao", "quantization.torchao.eight_bit"] == "int8" and runs.loc["torchao", "quantization.torchao.group_size"] == 64
+    assert pd.isna(runs.loc["bitsandbytes", "quantization.torchao.group_size"])
+
+
 def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path, monkeypatch, capsys):
     """`-m quantization.backend=bitsandbytes,torchao,hqq bits=4,16`: a run per backend and the bf16
     baseline once, each verified, with quality against the same reference, told apart in every table."""
