@@ -95,15 +95,19 @@ def cpu_wait_seconds() -> float | None:
     return total / 1e9
 
 
-def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str) -> tuple[Timing, list[int]]:
-    """One greedy generation by a falcon_exp.decode decoder, timed. Returns (Timing, token ids)."""
+def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str,
+                   meter: EnergyMeter | None = None) -> tuple[Timing, list[int]]:
+    """One greedy generation by a falcon_exp.decode decoder, timed (and its energy read, given a
+    meter). Returns (Timing, token ids)."""
     clock = Clock(device)
     synchronize(device)
     waited = cpu_wait_seconds()
+    drawn = meter.read() if meter else None
     clock.mark()
     generated = decoder.generate(input_ids, new_tokens, force_length, on_token=clock.mark)
     clock.mark()
-    start, *stamps, end = clock.seconds()
+    start, *stamps, end = clock.seconds()  # waits for the device: the counters are read after its work
+    joules = meter.joules_since(drawn) if meter and drawn is not None else float("nan")
     after = cpu_wait_seconds()
     computing = torch.get_num_threads() if device == "cpu" else 1  # on a GPU, the thread that launches its work
     # a thread that ended during the generation takes its wait out of the sum: never below 0
@@ -117,8 +121,72 @@ def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, f
         decode_ms_per_token=decode * 1e3,
         e2e_tokens_per_s=len(generated) / end,
         cpu_wait_share=wait_share,
+        itl_ms=tuple((b - a) * 1e3 for a, b in zip(stamps, stamps[1:])),
+        joules=joules,
     )
     return timing, generated
+
+
+_RAPL = Path("/sys/class/powercap")
+
+
+class EnergyMeter:
+    """The energy counters of the devices that hold the model: NVML's total energy of each GPU
+    (millijoules since the driver loaded), or on a CPU run the RAPL package domains (microjoules,
+    wrapping at max_energy_range_uj). Where there is none, `unmeasured` says why."""
+
+    def __init__(self, device: str, gpus: list[int]) -> None:
+        self.unmeasured: dict[str, str] = {}
+        self._gpus: list = []
+        self._packages: list[tuple[Path, int]] = []
+        why = self._open_gpus(gpus) if device == "cuda" else self._open_packages()
+        if why:
+            self.unmeasured = dict.fromkeys(schema.ENERGY, why)
+
+    def _open_gpus(self, gpus: list[int]) -> str | None:
+        why: dict[str, str] = {}
+        found = _nvml_handles(gpus, why) if gpus else {}
+        if not gpus or len(found) < len(gpus):
+            return next(iter(why.values()), "NVML cannot see every GPU that holds the model")
+        try:
+            import pynvml
+
+            for handle in found.values():
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except Exception as error:  # noqa: BLE001 - no counter (GPUs before Volta), or NVML refuses
+            return f"NVML has no total-energy counter here ({type(error).__name__}: {str(error)[:120]})"
+        self._gpus = list(found.values())
+        return None
+
+    def _open_packages(self) -> str | None:
+        # top-level domains only (intel-rapl:0, not its sub-domain intel-rapl:0:0, nor the MMIO copy of a package)
+        domains = sorted(p for p in _RAPL.glob("intel-rapl:*") if p.name.count(":") == 1) if _RAPL.is_dir() else []
+        packages = [d for d in domains if (d / "name").is_file() and (d / "name").read_text().startswith("package")]
+        if not packages:
+            return f"no RAPL package energy counter on this machine ({_RAPL} has none)"
+        try:
+            self._packages = [(d / "energy_uj", int((d / "max_energy_range_uj").read_text())) for d in packages]
+            for path, _ in self._packages:
+                int(path.read_text())
+        except (OSError, ValueError) as error:
+            return f"the RAPL counters cannot be read ({getattr(error, 'strerror', None) or error})"
+        return None
+
+    def read(self) -> list[int] | None:
+        """Every counter now (in its own unit); None where there are none."""
+        if self.unmeasured:
+            return None
+        if self._gpus:
+            import pynvml
+
+            return [int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)) for handle in self._gpus]
+        return [int(path.read_text()) for path, _ in self._packages]
+
+    def joules_since(self, before: list[int]) -> float:
+        after = self.read()
+        if self._gpus:
+            return sum(b - a for a, b in zip(before, after)) / 1e3
+        return sum((b - a) % (top + 1) for a, b, (_, top) in zip(before, after, self._packages)) / 1e6
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -19,6 +19,8 @@ class Timing:
     decode_ms_per_token: float
     e2e_tokens_per_s: float  # new tokens over the whole call, prefill included
     cpu_wait_share: float  # the threads' wait for a CPU over the wall time (schema.CPU_WAIT_SHARE); nan where not reported
+    itl_ms: tuple[float, ...] = ()  # the time between each two consecutive tokens (one per decode step)
+    joules: float = float("nan")  # energy the model's devices drew over the generation; nan where not measured
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,15 @@ class JobResult:
         for key, values in self.columns().items():
             if key in schema.TOKENS:
                 figures[schema.total(key)] = sum(values)
-            elif (key in (schema.FLOOR_MS_PER_TOKEN, schema.CPU_WAIT_SHARE) or key in schema.TIMED) and (middle := median(values)) is not None:
+            elif (key in (schema.FLOOR_MS_PER_TOKEN, schema.CPU_WAIT_SHARE) or key in schema.TIMED or key in schema.ENERGY) and (
+                    middle := median(values)) is not None:
                 figures[key] = middle
                 by_prompt: dict[int, list[float]] = {}
                 for sample, value in zip(self.samples, values):
                     by_prompt.setdefault(sample.prompt_index, []).append(value)
                 if key in schema.TIMED and (spread := repetition_std(by_prompt)) is not None:
                     figures[key + schema.REP_STD] = spread
+        figures |= tail(self.samples)
         if (decode_ms := figures.get(schema.DECODE_MS_PER_TOKEN)) is not None:
             figures[schema.DECODE_TOKENS_PER_S] = 1000 / decode_ms
         figures[schema.WARMUP_TOKENS_TOTAL] = self.warmup_tokens
@@ -140,6 +144,9 @@ def _columns(samples: list[Sample]) -> dict[str, list[float]]:
     columns = {key: [getattr(s.timing, field) for s in samples] for key, field in timing.items()}
     if any(s.timing.cpu_wait_share == s.timing.cpu_wait_share for s in samples):  # where Linux reports it
         columns[schema.CPU_WAIT_SHARE] = [s.timing.cpu_wait_share for s in samples]
+    if any(s.timing.joules == s.timing.joules for s in samples):  # where an energy counter was read
+        columns[schema.JOULES_PER_TOKEN] = [s.timing.joules / s.timing.new_tokens for s in samples]
+        columns[schema.MEAN_POWER_W] = [s.timing.joules / s.timing.generate_s for s in samples]
     columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in samples]
     columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in samples]
     return columns | {key: [s.memory[key] for s in samples] for key in samples[0].memory}
@@ -152,6 +159,22 @@ class SweepNeeds:
 
     longest_new_tokens: int = 0
     stops_early: bool = False
+
+
+def tail(samples: list[Sample]) -> dict[str, float]:
+    """The percentiles of every inter-token latency and, where there are enough generations for
+    one to mean something, of the TTFTs (schema.PERCENTILES)."""
+    latencies = [ms for s in samples for ms in s.timing.itl_ms]
+    figures = {schema.itl_percentile(p): nearest_rank(latencies, p) for p in schema.PERCENTILES} if latencies else {}
+    ttfts = [s.timing.ttft_ms for s in samples]
+    figures |= {schema.ttft_percentile(p): nearest_rank(ttfts, p) for p in schema.PERCENTILES if len(ttfts) * (100 - p) >= 100}
+    return figures | {schema.ITL_COUNT: len(latencies)}
+
+
+def nearest_rank(values: list[float], p: int) -> float:
+    """The smallest value that at least p% of `values` do not exceed."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-p * len(ordered) // 100) - 1)]
 
 
 def median(values: list[float]) -> float | None:

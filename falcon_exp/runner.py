@@ -17,7 +17,7 @@ from falcon_exp.config import JobConfig
 from falcon_exp.console import log
 from falcon_exp.decode import Decoder, decoder_for
 from falcon_exp.job import Job
-from falcon_exp.measure import MemoryProbe, timed_generate
+from falcon_exp.measure import EnergyMeter, MemoryProbe, timed_generate
 from falcon_exp.models import MODELS
 from falcon_exp.records import JobResult, Sample, SweepNeeds, Timing
 
@@ -38,7 +38,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     torch.manual_seed(job.config.seed)
     bench = _Bench(job, decoder, inputs, roofline.weight_bytes_per_step(model), bandwidth.read)
     warmup_tokens = bench.warm_up()
-    probe = MemoryProbe(sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"}))
+    gpus = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    probe, bench.meter = MemoryProbe(gpus), EnergyMeter(job.device, gpus)
     samples, first_outputs = bench.timed(probe)
     method = job.config.quantization.method if job.config.bits != 16 else None
     # the backend's own figures of the last timed step, before re-runs and quality's forward passes overwrite them
@@ -55,7 +56,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     return JobResult(
         samples=samples,
         memory={key: max(s.memory[key] for s in samples) for key in samples[0].memory},
-        unmeasured=probe.unmeasured | unmeasured,
+        unmeasured=probe.unmeasured | bench.meter.unmeasured | unmeasured,
         report=loaded.report,
         load_s=None if reused else loaded.load_s,
         device=job.device,
@@ -93,6 +94,7 @@ class _Bench:
     weights_step: int  # weight bytes a decode step reads
     read_bandwidth: float
     warm_ms: dict[int, list[float]] = field(default_factory=dict)  # each prompt's warm-up decode times, ms/token
+    meter: EnergyMeter | None = None  # the timed generations' energy (warm-ups are not metered)
 
     @property
     def config(self) -> JobConfig:
@@ -100,7 +102,7 @@ class _Bench:
 
     def generate(self, index: int) -> tuple[Timing, list[int]]:
         return timed_generate(self.decoder, self.inputs[index], self.job.prompts.new_tokens[index], self.config.force_length,
-                              self.job.device)
+                              self.job.device, self.meter)
 
     def warm_up(self) -> int:
         """Every prompt at its full length, untimed, so that no timed generation is the first of

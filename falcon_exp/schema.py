@@ -167,6 +167,42 @@ def perplexity_ratio(lang: str) -> str:
     return f"quality/perplexity_{lang}_ratio"
 
 
+# The tail: percentiles over every inter-token latency of a run's kept generations (the time
+# between two of a generation's tokens, one per decode step), and over its generations' TTFT.
+# Nearest rank: the smallest value that at least p% of the values do not exceed, one that
+# occurred. A TTFT percentile needs 100 / (100 - p) generations at least (p90: 10, p99: 100).
+PERCENTILES = (50, 90, 99)
+ITL_COUNT = "time/itl_count"
+
+
+def itl_percentile(p: int) -> str:
+    """`time/itl_p99_ms`: the p-th percentile of the run's inter-token latencies."""
+    return f"time/itl_p{p}_ms"
+
+
+def ttft_percentile(p: int) -> str:
+    """`time/ttft_p90_ms`: the p-th percentile of the run's times to first token."""
+    return f"time/ttft_p{p}_ms"
+
+
+TAIL = _metrics(
+    *(Metric(itl_percentile(p), "ms", f"{p}th percentile (nearest rank) of the inter-token latencies of every kept timed "
+                                      "generation; beside decode_ms_per_token, the median of each generation's mean") for p in PERCENTILES),
+    *(Metric(ttft_percentile(p), "ms", f"{p}th percentile (nearest rank) of the kept generations' TTFT, where there are at least "
+                                       f"{-(-100 // (100 - p))} of them") for p in PERCENTILES),
+    Metric(ITL_COUNT, "count", "the inter-token latencies the itl percentiles are over"),
+)
+
+# Energy the model's devices drew during a generation: NVML's total-energy counter of every GPU that
+# holds the model, or on a CPU the RAPL package counters (/sys/class/powercap); idle power included.
+JOULES_PER_TOKEN = "energy/joules_per_token"
+MEAN_POWER_W = "energy/mean_power_w"
+ENERGY = _metrics(
+    Metric(JOULES_PER_TOKEN, "J", "per generation, the joules drawn from its start to its last token over the tokens it "
+                                  "generated (prefill included, idle power not subtracted); the run's: the median"),
+    Metric(MEAN_POWER_W, "W", "per generation, those joules over generate_s; the run's: the median"),
+)
+
 # A busy machine, said (falcon_exp/noise.py).
 CPU_WAIT_SHARE = "noise/cpu_wait_share"
 NOISE_RERUN = "noise/rerun_generations"
@@ -206,6 +242,9 @@ CONDITIONAL = {
     PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
     CPU_WAIT_SHARE: "where Linux reports each thread's run-queue wait (/proc/self/task/*/schedstat)",
+    **{ttft_percentile(p): f"with at least {-(-100 // (100 - p))} kept generations" for p in PERCENTILES},
+    **{key: "where the device has an energy counter (NVML on a GPU, RAPL on a CPU); else falcon_exp.unmeasured says why"
+       for key in ENERGY},
     **{key: "with quality.corpus set" for key in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
     **{key: "with quality.corpus set, against an unquantized reference" for key in CORPUS if key not in (CORPUS_PERPLEXITY, CORPUS_TOKENS)},
 }

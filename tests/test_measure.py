@@ -87,3 +87,45 @@ def test_a_host_peak_that_cannot_be_reset_is_not_logged_as_the_generations_peak(
     probe.reset()
     assert "peak_rss_gb" not in str(probe.read())
     assert "could not be reset" in probe.unmeasured["memory/peak_rss_gb"]
+
+
+def test_tail_percentiles_are_nearest_ranks_and_ttfts_need_enough_generations():
+    """p99 of 1..200 ms is 198 (a value that occurred); a TTFT percentile only where 100 / (100 - p)
+    generations back it: four give p50 alone, a hundred give p99."""
+    from falcon_exp import schema
+    from falcon_exp.records import Sample, Timing, tail
+
+    def samples(count: int, latencies: tuple[float, ...]) -> list[Sample]:
+        timing = lambda i: Timing(5, len(latencies) + 1, 1.0, float(i + 1), 1.0, 1.0, 0.0, itl_ms=latencies)
+        return [Sample(i, 0, "p", "o", timing(i), {}, 1.0, 1.0) for i in range(count)]
+
+    four = tail(samples(4, tuple(float(ms) for ms in range(1, 51))))
+    assert four[schema.ITL_COUNT] == 200 and four[schema.itl_percentile(99)] == 50.0 and four[schema.itl_percentile(50)] == 25.0
+    assert four[schema.ttft_percentile(50)] == 2.0 and schema.ttft_percentile(90) not in four
+    hundred = tail(samples(100, (1.0,)))
+    assert hundred[schema.ttft_percentile(99)] == 99.0 and hundred[schema.ttft_percentile(90)] == 90.0
+
+
+def test_rapl_energy_is_read_across_the_counters_wrap(tmp_path, monkeypatch):
+    """The kernel's RAPL files as sysfs lays them out (this machine has none): package domains only,
+    and a counter that wrapped past max_energy_range_uj still counts what was drawn."""
+    from falcon_exp import measure
+
+    for name, domain in (("intel-rapl:0", "package-0"), ("intel-rapl:0:0", "core"), ("intel-rapl:1", "package-1"),
+                         ("intel-rapl-mmio:0", "package-0")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "name").write_text(domain + "\n")
+        (folder / "max_energy_range_uj").write_text("1000000\n")
+        (folder / "energy_uj").write_text("999000\n")
+    monkeypatch.setattr(measure, "_RAPL", tmp_path)
+    meter = measure.EnergyMeter("cpu", [])
+    assert meter.unmeasured == {}
+    before = meter.read()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("2000\n")  # wrapped: 1000 + 2001 uJ
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("999500\n")
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")  # a sub-domain of package 0: not counted twice
+    (tmp_path / "intel-rapl-mmio:0" / "energy_uj").write_text("999999\n")  # package 0 again, through MMIO: nor this
+    assert meter.joules_since(before) == (3001 + 500) / 1e6
+    monkeypatch.setattr(measure, "_RAPL", tmp_path / "absent")
+    assert "no RAPL package energy counter" in measure.EnergyMeter("cpu", []).unmeasured["energy/joules_per_token"]

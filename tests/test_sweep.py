@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,17 @@ def test_every_child_logs_its_numbers_under_names_that_say_what_they_are(sweep):
         rows = [json.loads(line) for line in open(path)]
         assert [(r["prompt_index"], r["repetition"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
         assert rows[1]["prompt"] == "Name three colours." and [r["new_tokens"] for r in rows] == new
+        # every decode step's time is kept: their mean is the generation's decode time, their percentiles the run's tail
+        for row, ms in zip(rows, decode):
+            assert len(row["itl_ms"]) == row["new_tokens"] - 1 and statistics.fmean(row["itl_ms"]) == pytest.approx(ms, rel=1e-9)
+        latencies = sorted(t for row in rows for t in row["itl_ms"])
+        assert metrics["time/itl_count"] == len(latencies) == sum(new) - len(new)
+        assert metrics["time/itl_p50_ms"] <= metrics["time/itl_p90_ms"] <= metrics["time/itl_p99_ms"] == latencies[-(-99 * len(latencies) // 100) - 1]
+        assert metrics["time/ttft_p50_ms"] == sorted(r["ttft_ms"] for r in rows)[1]  # four generations: p50 only (p90 needs ten)
+        assert "time/ttft_p90_ms" not in metrics and "time/ttft_p99_ms" not in metrics
+        if not Path("/sys/class/powercap").is_dir():  # no energy counter on this machine: said, not guessed
+            assert "energy/joules_per_token: no RAPL package energy counter" in tags["falcon_exp.unmeasured"]
+            assert not [k for k in metrics if k.startswith("energy/")]
 
 
 def test_quality_against_the_unquantized_reference(sweep):

@@ -21,6 +21,7 @@ COLUMNS = (
     (PEAK_GB, "peak GB"),
     (schema.TTFT_MS, "TTFT ms"),
     (schema.DECODE_MS_PER_TOKEN, "decode ms/token"),
+    (schema.itl_percentile(99), "ITL p99 ms"),
     (schema.DECODE_TOKENS_PER_S, "decode tokens/s"),
     (schema.E2E_TOKENS_PER_S, "end-to-end tokens/s"),
     (schema.GENERATE_S, "generate s"),
