@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -24,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.falcon.modeling_falcon import FalconAttention
 
+from falcon_exp.cache import cache_dir, content_hash
 from falcon_exp.config import JobConfig
 from falcon_exp.roofline import kv_bytes_per_token
 
@@ -33,6 +37,7 @@ class Decoder(Protocol):
 
     path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache
     fallback: str | None  # why the fast path runs without compilation or without a graph
+    prepare_s: float | None  # seconds spent building it (the fast path's compile and capture); None for eager
     kv_bytes_per_token: float  # KV-cache bytes stored per token of context
 
     def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
@@ -92,6 +97,7 @@ def _eos_ids(model: PreTrainedModel) -> list[int]:
 class EagerDecoder:
     path = "eager"
     fallback = None
+    prepare_s = None  # nothing to prepare
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
         self.model, self.pad_token_id = model, pad_token_id
@@ -131,7 +137,9 @@ class FastDecoder:
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
         self.graph, self.path = None, "static_cache"
+        started = time.perf_counter()
         self.fallback = self._why_no_graph(config, device) or self._capture()
+        self.prepare_s = time.perf_counter() - started  # compiling and capturing the step, where they run
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -174,6 +182,7 @@ class FastDecoder:
         """The compiled step as a graph, else the plain step as one; the reasons for what failed."""
         self._buffers_beside_weights()
         torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
+        use_compile_cache()
         attempts = (("compiled_cuda_graph", "torch.compile", torch.compile(self._step, dynamic=False)),
                     ("cuda_graph", "CUDA graph capture", self._step))
         reasons = []
@@ -212,6 +221,24 @@ class FastDecoder:
                     self.graph.replay()
                 else:
                     self._step()
+
+
+# A user's own TORCHINDUCTOR_CACHE_DIR, if the process started with one, is kept.
+_USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def use_compile_cache() -> Path:
+    """Inductor's caches (its FX graph cache, the Triton kernels it builds) under the project's
+    cache, in a folder of this torch and these GPUs, so that a job that compiles what an earlier
+    one compiled (same model, quantization and cache length: the same graph) loads it instead,
+    in this process or a later one. The graph's own key tells models and settings apart."""
+    if _USER_COMPILE_CACHE:
+        return Path(_USER_COMPILE_CACHE)
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    folder = cache_dir() / "compile" / content_hash({"torch": torch.__version__, "gpus": gpus, "cuda": torch.version.cuda}, 16)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    torch._inductor.config.fx_graph_cache = True
+    return folder
 
 
 def cuda_graph_of(step: Callable[[], None]) -> torch.cuda.CUDAGraph:

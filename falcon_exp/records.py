@@ -87,6 +87,7 @@ class JobResult:
     device: str
     quality: dict[str, float]  # empty when quality is off or cannot be measured
     decode_path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache (falcon_exp/decode.py)
+    prepare_s: float | None  # building the fast decoder (compile, capture); None for eager
     fast_fallback: str | None  # why the fast path runs without compilation or without CUDA graphs
     bandwidth: Bandwidth
     weight_bytes_per_step: int
@@ -132,6 +133,7 @@ class JobResult:
         figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
         figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}
         figures |= self.backend_metrics | ({schema.LOAD_S: self.load_s} if self.load_s is not None else {}) | self.quality
+        figures |= {schema.PREPARE_S: self.prepare_s} if self.prepare_s is not None else {}
         figures |= {schema.NOISE_RERUN: self.noise.rerun, schema.NOISE_OFF: self.noise.still_off}
         figures |= {schema.read_bandwidth(method): value / 1e9 for method, value in self.bandwidth.readings.items()}
         return figures | {schema.READ_BANDWIDTH_GBS: self.bandwidth.read / 1e9, schema.COPY_BANDWIDTH_GBS: self.bandwidth.copy / 1e9,

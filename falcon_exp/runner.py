@@ -62,6 +62,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         device=job.device,
         quality=scores,
         decode_path=decoder.path,
+        prepare_s=decoder.prepare_s,
         fast_fallback=decoder.fallback,
         bandwidth=bandwidth,
         weight_bytes_per_step=bench.weights_step,

@@ -46,7 +46,8 @@ PROMPT_TOKENS = "tokens/prompt_tokens"
 NEW_TOKENS = "tokens/new_tokens"
 TOKENS = (PROMPT_TOKENS, NEW_TOKENS)  # per sample; the run logs their sums as `<name>_total`
 WARMUP_TOKENS_TOTAL = "tokens/warmup_tokens_total"
-LOAD_S = "time/load_s"
+LOAD_S = "time/load_s"  # loading the weights (and quantizing them), when the job loaded its model
+PREPARE_S = "time/fast_prepare_s"  # building the fast decoder: compiling and capturing its step (inductor's caches make a repeat cheap)
 
 # Memory, per generation (reset before each) and as the run's peak over them.
 PEAK_RSS_GB = "memory/peak_rss_gb"
@@ -241,6 +242,7 @@ def total(key: str) -> str:
 CONDITIONAL = {
     PEAK_ALLOCATED_GB: "on a GPU", PEAK_RESERVED_GB: "on a GPU", PROCESS_GB: "on a GPU whose NVML sees the process",
     LOAD_S: "when the job loaded its model (not when it reused the last job's)",
+    PREPARE_S: "with generation.fast",
     CPU_WAIT_SHARE: "where Linux reports each thread's run-queue wait (/proc/self/task/*/schedstat)",
     **{ttft_percentile(p): f"with at least {-(-100 // (100 - p))} kept generations" for p in PERCENTILES},
     **{key: "where the device has an energy counter (NVML on a GPU, RAPL on a CPU); else falcon_exp.unmeasured says why"

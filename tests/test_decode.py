@@ -200,10 +200,39 @@ def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
                     cpu_wait_share=0.0)
     samples = [Sample(0, r, "p", "o", timing, {}, floor, floor / 1.0) for r, floor in enumerate((0.8, 1.25))]
     result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model, job), load_s=1.0, device="cpu", quality={},
-                       decode_path="eager", fast_fallback=None, weight_bytes_per_step=1,
+                       decode_path="eager", prepare_s=None, fast_fallback=None, weight_bytes_per_step=1,
                        bandwidth=Bandwidth(read=1e9, copy=1e9, read_method="reduction", readings={}),
                        kv_bytes_per_token=1.0, warmup_tokens=0, backend_metrics={}, backend_tags={}, noise=Noise([], 0, None),
                        task_results=None)
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning
     assert "falcon_exp.roofline_warning" not in _tags_of(dataclasses.replace(result, samples=samples[:1]))
+
+
+def test_a_second_compile_of_the_same_step_loads_it_from_the_projects_compile_cache(tmp_path, monkeypatch):
+    """generation.fast compiles each decoder's step afresh (dynamo reset); inductor's FX graph
+    cache, kept under the project's cache in a folder of this torch and these GPUs, serves the
+    second job's identical graph instead of compiling it again."""
+    from torch._dynamo.utils import counters
+
+    from falcon_exp import decode
+
+    monkeypatch.setenv("FALCON_EXP_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(decode, "_USER_COMPILE_CACHE", None)
+    folder = decode.use_compile_cache()
+    assert folder.parent == tmp_path / "compile" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+
+    def step(x):
+        return torch.nn.functional.gelu(x * 3 + 1).sum(-1)
+
+    x = torch.randn(4, 8)
+    hits = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(step)(x)
+        hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    assert hits == [0, 1] and any(folder.rglob("*"))
+    monkeypatch.setattr(decode, "_USER_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert decode.use_compile_cache() == tmp_path / "mine"  # a user's own TORCHINDUCTOR_CACHE_DIR is kept
