@@ -223,17 +223,17 @@ class FastDecoder:
                     self._step()
 
 
-# A user's own TORCHINDUCTOR_CACHE_DIR, if the process started with one, is kept.
-_USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
 def use_compile_cache() -> Path:
     """Inductor's caches (its FX graph cache, the Triton kernels it builds) under the project's
     cache, in a folder of this torch and these GPUs, so that a job that compiles what an earlier
     one compiled (same model, quantization and cache length: the same graph) loads it instead,
-    in this process or a later one. The graph's own key tells models and settings apart."""
-    if _USER_COMPILE_CACHE:
-        return Path(_USER_COMPILE_CACHE)
+    in this process or a later one. The graph's own key tells models and settings apart. A
+    TORCHINDUCTOR_CACHE_DIR of the user's is kept (inductor writes its own default there once used)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    own = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if own and os.path.abspath(own) != os.path.abspath(default_cache_dir()):
+        return Path(own)
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     folder = cache_dir() / "compile" / content_hash({"torch": torch.__version__, "gpus": gpus, "cuda": torch.version.cuda}, 16)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)

@@ -217,9 +217,10 @@ def test_a_second_compile_of_the_same_step_loads_it_from_the_projects_compile_ca
 
     from falcon_exp import decode
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     monkeypatch.setenv("FALCON_EXP_CACHE", str(tmp_path))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setattr(decode, "_USER_COMPILE_CACHE", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes there once it is used
     folder = decode.use_compile_cache()
     assert folder.parent == tmp_path / "compile" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
 
@@ -234,5 +235,5 @@ def test_a_second_compile_of_the_same_step_loads_it_from_the_projects_compile_ca
         torch.compile(step)(x)
         hits.append(counters["inductor"]["fxgraph_cache_hit"])
     assert hits == [0, 1] and any(folder.rglob("*"))
-    monkeypatch.setattr(decode, "_USER_COMPILE_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert decode.use_compile_cache() == tmp_path / "mine"  # a user's own TORCHINDUCTOR_CACHE_DIR is kept
