@@ -63,6 +63,9 @@ def _tags(job: Job) -> dict[str, str]:
     }
     if job.weights.kind == "synthetic":
         tags[schema.TAG_TEXT] = "meaningless: synthetic (random) weights; memory and time are real"
+    if config.batch_size > 1:
+        cycled = " (the prompts cycled to fill it)" if job.prompts.distinct < config.batch_size else ""
+        tags[schema.TAG_BATCH_PROMPTS] = f"{job.prompts.distinct} distinct prompts in each batch of {config.batch_size}{cycled}"
     return tags
 
 

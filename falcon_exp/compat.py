@@ -72,7 +72,7 @@ def identity_params(flat: dict) -> dict:
 
 # Settings added in 0.3: at the default the package ships they stay out of a job's identity, so
 # that resume=true still finds the runs logged before them. Removed in 1.0.
-ADDED_IN_03 = ("noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality.corpus", "quality.corpus_context",
+ADDED_IN_03 = ("batch_size", "noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality.corpus", "quality.corpus_context",
                "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens", "quality.tasks", "quality.limit",
                "quality.task_batch_size")
 
@@ -117,3 +117,11 @@ def with_settings_under_backends(runs: pd.DataFrame) -> pd.DataFrame:
             moved = runs[old].where(runs["quantization.backend"] == owner)
             runs = runs.drop(columns=old).assign(**{new: runs[new].fillna(moved) if new in runs else moved})
     return runs
+
+
+def with_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs before 0.3 decoded one sequence at a time and logged no batch_size: 1. Removed in 1.0."""
+    import pandas as pd
+
+    logged = runs.get("batch_size", pd.Series(None, index=runs.index, dtype=object))
+    return runs.assign(batch_size=logged.fillna(1).astype(int))

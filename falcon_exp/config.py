@@ -257,6 +257,7 @@ class JobConfig:
     max_length: int | None
     max_new_tokens: int | None
     force_length: bool
+    batch_size: int  # sequences decoded together
     repetitions: int
     warmup: int
     seed: int
@@ -283,6 +284,10 @@ class JobConfig:
                 "(the other to null)"
             )
         boolean("force_length", self.force_length)
+        integer("batch_size", self.batch_size)
+        if self.batch_size > 1 and (self.max_new_tokens is None or not self.force_length):
+            raise ConfigError(f"batch_size={self.batch_size} decodes sequences together, each generating the same tokens: give "
+                              "max_new_tokens=N (and max_length=null) and force_length=true")
         integer("repetitions", self.repetitions)
         integer("warmup", self.warmup, minimum=0)
         integer("seed", self.seed, minimum=0)

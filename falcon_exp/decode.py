@@ -41,10 +41,12 @@ class Decoder(Protocol):
     kv_bytes_per_token: float  # KV-cache bytes stored per token of context
 
     def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
-        """Mean KV-cache bytes one decode step reads, for a generation of this shape."""
+        """Mean KV-cache bytes one decode step reads, for a generation of this shape (every sequence's)."""
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
-        """Greedy tokens after `input_ids`, calling `on_token()` the moment each exists."""
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None],
+                 attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy tokens after each row of `input_ids` (left-padded where `attention_mask` has 0s),
+        calling `on_token()` the moment each step's tokens exist."""
 
 
 class _Streamer(BaseStreamer):
@@ -99,40 +101,49 @@ class EagerDecoder:
     fallback = None
     prepare_s = None  # nothing to prepare
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
-        self.model, self.pad_token_id = model, pad_token_id
+    def __init__(self, model: PreTrainedModel, pad_token_id: int, batch: int = 1) -> None:
+        self.model, self.pad_token_id, self.batch = model, pad_token_id, batch
         token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
         self.kv_bytes_per_token = kv_bytes_per_token(model, token)
 
     def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
         """Mean KV-cache bytes a decode step reads: the dynamic cache holds what was generated so
-        far, so decode step i (1..n-1) attends to prompt + i tokens."""
-        return self.kv_bytes_per_token * (prompt_tokens + new_tokens / 2)
+        far, so decode step i (1..n-1) attends to prompt + i tokens, in every sequence of the batch."""
+        return self.batch * self.kv_bytes_per_token * (prompt_tokens + new_tokens / 2)
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None],
+                 attention_mask: torch.Tensor | None = None) -> list[list[int]]:
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens if force_length else None,
                 do_sample=False,
                 streamer=_Streamer(on_token),
                 pad_token_id=self.pad_token_id,
             )
-        return output[0, input_ids.shape[1] :].tolist()
+        return output[:, input_ids.shape[1] :].tolist()
 
 
 class FastDecoder:
-    """Static KV cache sized for the longest generation; one (compiled) CUDA graph per decoder."""
+    """Static KV cache sized for the longest generation of `batch` sequences; one (compiled) CUDA
+    graph per decoder. A batch of several left-padded sequences carries its attention mask, each
+    sequence's position and the cache's next slot in buffers that the step itself advances."""
 
-    def __init__(self, model: PreTrainedModel, max_tokens: int, config: JobConfig, device: str) -> None:
+    def __init__(self, model: PreTrainedModel, max_tokens: int, config: JobConfig, device: str, batch: int = 1) -> None:
         from transformers import StaticCache
 
-        self.model, self.max_tokens = model, max_tokens
+        self.model, self.max_tokens, self.batch = model, max_tokens, batch
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+        where = model.get_input_embeddings().weight.device
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=where)
+        # batch > 1: the mask over the cache's slots, each sequence's next position, the next slot
+        self.batched = batch > 1
+        self.mask = torch.zeros((batch, max_tokens), dtype=torch.long, device=where)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=where)
+        self.slot = torch.zeros((1,), dtype=torch.long, device=where)
         head = model.get_output_embeddings().weight
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
@@ -143,11 +154,12 @@ class FastDecoder:
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return self._static_cache_bytes() / self.max_tokens
+        """Per token of one sequence's context."""
+        return self._static_cache_bytes() / (self.max_tokens * self.batch)
 
     def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
         """KV-cache bytes a decode step reads: attention runs over the whole static cache (its
-        unused positions masked), whatever the text's length."""
+        unused positions masked), every sequence's, whatever the text's length."""
         return float(self._static_cache_bytes())
 
     def _static_cache_bytes(self) -> int:
@@ -157,18 +169,41 @@ class FastDecoder:
             raise RuntimeError("the static cache is allocated on first use; generate once before asking its size")
         return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
-    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, **where: torch.Tensor) -> torch.Tensor:
         """Next-token logits, as float32 with suppressed tokens at -inf (generate's order)."""
-        output = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        output = self.model(input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache}, **where)
         return output.logits[:, -1, :].float() + self.suppress
 
-    def _advance(self, input_ids: torch.Tensor) -> None:
+    def _advance(self, input_ids: torch.Tensor, **where: torch.Tensor) -> None:
         """Write the greedy next token after `input_ids` into the token buffer."""
-        self.token.copy_(self._forward(input_ids).argmax(-1, keepdim=True).to(self.token.device))
+        self.token.copy_(self._forward(input_ids, **where).argmax(-1, keepdim=True).to(self.token.device))
 
     def _step(self) -> None:
-        """The decode step: read the last token from its buffer, write the next one there."""
-        self._advance(self.token)
+        """The decode step: read the last token from its buffer, write the next one there (in a
+        batch: at each sequence's position and the cache's next slot, which it then advances)."""
+        if not self.batched:
+            self._advance(self.token)
+            return
+        self._advance(self.token, attention_mask=self.mask, position_ids=self.position, cache_position=self.slot)
+        self.position.add_(1)
+        self.slot.add_(1)
+        self.mask.index_fill_(1, self.slot.clamp(max=self.max_tokens - 1), 1)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """The prompts, eager; in a batch, with their mask and positions, and the buffers set for the first step."""
+        if not self.batched:
+            self._advance(input_ids)
+            return
+        length = input_ids.shape[1]
+        mask = attention_mask.to(self.mask.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.mask.zero_()
+        self.mask[:, :length] = mask
+        self._advance(input_ids, attention_mask=self.mask, position_ids=positions,
+                      cache_position=torch.arange(length, device=self.mask.device))
+        self.position.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(length)
+        self.mask[:, length] = 1
 
     def _why_no_graph(self, config: JobConfig, device: str) -> str | None:
         if device != "cuda":
@@ -206,17 +241,18 @@ class FastDecoder:
                 if buffer is not None and buffer.device != device:
                     module._buffers[name] = buffer.to(device)
 
-    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None]) -> list[int]:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None],
+                 attention_mask: torch.Tensor | None = None) -> list[list[int]]:
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
-        generated: list[int] = []
+        generated: list[list[int]] = []
         with torch.no_grad():
             self.cache.reset()
-            self._advance(input_ids)  # prefill, eager
+            self._prefill(input_ids, attention_mask)
             while True:
                 on_token()
-                generated.append(int(self.token))
-                if len(generated) == new_tokens or (not force_length and generated[-1] in self.eos):
-                    return generated
+                generated.append(self.token[:, 0].tolist())
+                if len(generated) == new_tokens or (not force_length and generated[-1][0] in self.eos):
+                    return [list(tokens) for tokens in zip(*generated)]
                 if self.graph is not None:
                     self.graph.replay()
                 else:
@@ -258,5 +294,8 @@ def cuda_graph_of(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
 
 
 def decoder_for(model: PreTrainedModel, config: JobConfig, max_tokens: int, device: str, pad_token_id: int) -> Decoder:
-    """The eager decoder, or with generation.fast the fast one with room for `max_tokens` (prompt plus generated)."""
-    return FastDecoder(model, max_tokens, config, device) if config.generation.fast else EagerDecoder(model, pad_token_id)
+    """The eager decoder, or with generation.fast the fast one with room for `max_tokens` (prompt
+    plus generated), for batches of config.batch_size."""
+    if config.generation.fast:
+        return FastDecoder(model, max_tokens, config, device, config.batch_size)
+    return EagerDecoder(model, pad_token_id, config.batch_size)

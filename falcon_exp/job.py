@@ -35,6 +35,22 @@ class Prompts:
     input_ids: tuple[torch.Tensor, ...]
     new_tokens: tuple[int, ...]  # to generate after each prompt
     pad_token_id: int
+    batches: tuple[tuple[int, ...], ...]  # the prompts each timed generation decodes together (each alone at batch_size=1)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's prompts left-padded to its longest, and their attention mask (0 at the padding)."""
+        rows = [self.input_ids[i][0] for i in self.batches[index]]
+        longest = max(len(row) for row in rows)
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for at, row in enumerate(rows):
+            ids[at, longest - len(row):], mask[at, longest - len(row):] = row, 1
+        return ids, mask
+
+    @property
+    def distinct(self) -> int:
+        """The fewest distinct prompts in a batch (a set smaller than the batch is cycled)."""
+        return min(len(set(batch)) for batch in self.batches)
 
 
 @dataclass(frozen=True)
@@ -217,5 +233,7 @@ def _prompts(config: JobConfig, weights: Weights) -> Prompts:
         raise ConfigError(f"{key}={value} runs past {config.model.name}'s context of {weights.context} tokens "
                           f"(longest prompt {longest}); allowed: {allowed}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Prompts(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens, pad_token_id=pad)
+    size, count = config.batch_size, len(input_ids)
+    batches = tuple(tuple((first * size + i) % count for i in range(size)) for first in range(-(-count // size)))
+    return Prompts(tokenizer=tokenizer, input_ids=input_ids, new_tokens=new_tokens, pad_token_id=pad, batches=batches)
 

@@ -96,15 +96,16 @@ def cpu_wait_seconds() -> float | None:
 
 
 def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, force_length: bool, device: str,
-                   meter: EnergyMeter | None = None) -> tuple[Timing, list[int]]:
-    """One greedy generation by a falcon_exp.decode decoder, timed (and its energy read, given a
-    meter). Returns (Timing, token ids)."""
+                   meter: EnergyMeter | None = None, attention_mask: torch.Tensor | None = None) -> tuple[Timing, list[list[int]]]:
+    """One greedy generation of a batch (its rows left-padded where `attention_mask` has 0s) by a
+    falcon_exp.decode decoder, timed, and its energy read given a meter. Returns (Timing, each
+    sequence's token ids)."""
     clock = Clock(device)
     synchronize(device)
     waited = cpu_wait_seconds()
     drawn = meter.read() if meter else None
     clock.mark()
-    generated = decoder.generate(input_ids, new_tokens, force_length, on_token=clock.mark)
+    generated = decoder.generate(input_ids, new_tokens, force_length, on_token=clock.mark, attention_mask=attention_mask)
     clock.mark()
     start, *stamps, end = clock.seconds()  # waits for the device: the counters are read after its work
     joules = meter.joules_since(drawn) if meter and drawn is not None else float("nan")
@@ -115,14 +116,15 @@ def timed_generate(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int, f
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     timing = Timing(
         prompt_tokens=int(input_ids.shape[1]),
-        new_tokens=len(generated),
+        new_tokens=len(generated[0]),
         generate_s=end,
         ttft_ms=stamps[0] * 1e3,
         decode_ms_per_token=decode * 1e3,
-        e2e_tokens_per_s=len(generated) / end,
+        e2e_tokens_per_s=len(generated[0]) / end,
         cpu_wait_share=wait_share,
         itl_ms=tuple((b - a) * 1e3 for a, b in zip(stamps, stamps[1:])),
         joules=joules,
+        batch=int(input_ids.shape[0]),
     )
     return timing, generated
 

@@ -134,7 +134,7 @@ def reference(job: Job, text_tokens: int, free: bool) -> Reference:
     length = max(job.config.quality.reference_tokens, text_tokens)
 
     def greedy(force_length: bool) -> list[list[int]]:
-        return [decoder.generate(ids.to(first), length, force_length, lambda: None) for ids in job.prompts.input_ids]
+        return [decoder.generate(ids.to(first), length, force_length, lambda: None)[0] for ids in job.prompts.input_ids]
 
     forced = greedy(True)
     logprobs, perplexities = score(model, job, [c[: job.config.quality.reference_tokens] for c in forced])

@@ -21,6 +21,7 @@ class Timing:
     cpu_wait_share: float  # the threads' wait for a CPU over the wall time (schema.CPU_WAIT_SHARE); nan where not reported
     itl_ms: tuple[float, ...] = ()  # the time between each two consecutive tokens (one per decode step)
     joules: float = float("nan")  # energy the model's devices drew over the generation; nan where not measured
+    batch: int = 1  # sequences decoded together; the token counts and rates above are each sequence's (prompt_tokens padded)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Sample:
     memory: dict[str, float]  # peaks during this generation alone, by metric name
     floor_ms_per_token: float  # bytes this generation's decode steps read / read bandwidth
     roofline_fraction: float  # that floor over the measured decode time
+    sequences: tuple[tuple[str, str], ...] = ()  # with batch_size > 1: every sequence's (prompt, output); the fields above hold the first's
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,8 @@ class JobResult:
         time; memory peaks over the generations; what the model holds; quality; bandwidths."""
         figures: dict[str, float] = {}
         for key, values in self.columns().items():
-            if key in schema.TOKENS:
-                figures[schema.total(key)] = sum(values)
+            if key in schema.TOKENS:  # every sequence's
+                figures[schema.total(key)] = sum(value * sample.timing.batch for sample, value in zip(self.samples, values))
             elif (key in (schema.FLOOR_MS_PER_TOKEN, schema.CPU_WAIT_SHARE) or key in schema.TIMED or key in schema.ENERGY) and (
                     middle := median(values)) is not None:
                 figures[key] = middle
@@ -129,6 +131,7 @@ class JobResult:
         figures |= tail(self.samples)
         if (decode_ms := figures.get(schema.DECODE_MS_PER_TOKEN)) is not None:
             figures[schema.DECODE_TOKENS_PER_S] = 1000 / decode_ms
+            figures[schema.AGGREGATE_TOKENS_PER_S] = self.samples[0].timing.batch * 1000 / decode_ms
         figures[schema.WARMUP_TOKENS_TOTAL] = self.warmup_tokens
         figures |= self.memory | {schema.WEIGHTS_GB: self.report.weights_bytes / schema.GB}
         figures |= {schema.LINEAR_LAYERS: self.report.linear_layers, schema.QUANTIZED_LAYERS: self.report.quantized_layers}

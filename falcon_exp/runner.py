@@ -15,7 +15,7 @@ import torch
 from falcon_exp import corpus, noise, quality, roofline, tasks
 from falcon_exp.config import JobConfig
 from falcon_exp.console import log
-from falcon_exp.decode import Decoder, decoder_for
+from falcon_exp.decode import Decoder, EagerDecoder, decoder_for
 from falcon_exp.job import Job
 from falcon_exp.measure import EnergyMeter, MemoryProbe, timed_generate
 from falcon_exp.models import MODELS
@@ -30,13 +30,15 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     corpus_reference = corpus.reference(job) if reference is not None and job.config.quality.corpus else None
     loaded, reused = MODELS.get(job)
     model = loaded.model
-    inputs = [ids.to(next(model.parameters()).device) for ids in job.prompts.input_ids]
-    longest = max(ids.shape[1] + n for ids, n in zip(inputs, job.prompts.new_tokens))
+    where = next(model.parameters()).device
+    inputs = [tuple(t.to(where) for t in job.prompts.batch(i)) for i in range(len(job.prompts.batches))]
+    new_tokens = [max(job.prompts.new_tokens[i] for i in batch) for batch in job.prompts.batches]  # equal within a batch
+    longest = max(ids.shape[1] + n for (ids, _), n in zip(inputs, new_tokens))
     decoder = decoder_for(model, job.config, longest, job.device, job.prompts.pad_token_id)
     if decoder.fallback:
         log.warning(f"fast path as {decoder.path}: {decoder.fallback}")
     torch.manual_seed(job.config.seed)
-    bench = _Bench(job, decoder, inputs, roofline.weight_bytes_per_step(model), bandwidth.read)
+    bench = _Bench(job, decoder, inputs, new_tokens, roofline.weight_bytes_per_step(model), bandwidth.read)
     warmup_tokens = bench.warm_up()
     gpus = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     probe, bench.meter = MemoryProbe(gpus), EnergyMeter(job.device, gpus)
@@ -46,6 +48,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     backend_metrics = method.run_metrics(model, job.config) if method else {}
     rerun = lambda off: bench.sample(off.prompt_index, off.repetition, probe)[0]
     samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
+    if reference is not None and job.config.batch_size > 1:  # quality is scored on batch-1 outputs, as the reference's are
+        first_outputs = _alone(model, job)
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
     if job.config.quality.corpus:
         scores |= corpus.measure(model, job, corpus_reference)
@@ -75,6 +79,13 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     )
 
 
+def _alone(model: torch.nn.Module, job: Job) -> list[list[int]]:
+    """Each prompt's greedy continuation decoded alone (untimed), for quality at batch_size > 1."""
+    decoder, where = EagerDecoder(model, job.prompts.pad_token_id), next(model.parameters()).device
+    return [decoder.generate(ids.to(where), n, job.config.force_length, lambda: None)[0]
+            for ids, n in zip(job.prompts.input_ids, job.prompts.new_tokens)]
+
+
 def _reference(job: Job, sweep: SweepNeeds) -> tuple[quality.Reference | None, dict[str, str]]:
     """The quality reference, long enough for every job of the sweep; or why there is none."""
     if not job.config.quality.enabled:
@@ -91,7 +102,8 @@ class _Bench:
 
     job: Job
     decoder: Decoder
-    inputs: list[torch.Tensor]
+    inputs: list[tuple[torch.Tensor, torch.Tensor]]  # each batch's token ids (left-padded) and attention mask
+    new_tokens: list[int]  # each batch's tokens to generate
     weights_step: int  # weight bytes a decode step reads
     read_bandwidth: float
     warm_ms: dict[int, list[float]] = field(default_factory=dict)  # each prompt's warm-up decode times, ms/token
@@ -101,9 +113,10 @@ class _Bench:
     def config(self) -> JobConfig:
         return self.job.config
 
-    def generate(self, index: int) -> tuple[Timing, list[int]]:
-        return timed_generate(self.decoder, self.inputs[index], self.job.prompts.new_tokens[index], self.config.force_length,
-                              self.job.device, self.meter)
+    def generate(self, index: int) -> tuple[Timing, list[list[int]]]:
+        ids, mask = self.inputs[index]
+        return timed_generate(self.decoder, ids, self.new_tokens[index], self.config.force_length, self.job.device, self.meter,
+                              mask if self.config.batch_size > 1 else None)
 
     def warm_up(self) -> int:
         """Every prompt at its full length, untimed, so that no timed generation is the first of
@@ -114,12 +127,13 @@ class _Bench:
             for index in range(len(self.inputs)):
                 timing, generated = self.generate(index)
                 self.warm_ms.setdefault(index, []).append(timing.decode_ms_per_token)
-                tokens += len(generated)
+                tokens += sum(map(len, generated))
         return tokens
 
     def timed(self, probe: MemoryProbe) -> tuple[list[Sample], list[list[int]]]:
-        """Repetitions outermost, so that drift spreads over prompts; returns the samples (by
-        prompt, then repetition) and each prompt's first timed continuation."""
+        """Repetitions outermost, so that drift spreads over prompts; returns the samples (by batch,
+        which is a prompt at batch_size=1, then repetition) and each batch's first sequence's first
+        timed continuation (the prompts' own at batch_size=1)."""
         samples: list[Sample] = []
         first: dict[int, list[int]] = {}
         for repetition in range(self.config.repetitions):
@@ -131,16 +145,19 @@ class _Bench:
         return samples, [first[i] for i in range(len(self.inputs))]
 
     def sample(self, index: int, repetition: int, probe: MemoryProbe) -> tuple[Sample, list[int]]:
-        """One timed generation of a prompt, with its memory peaks and floor."""
+        """One timed generation of a batch (a prompt at batch_size=1), with its memory peaks and
+        its floor: the weights read once per step, every sequence's KV cache."""
         probe.reset()
         timing, generated = self.generate(index)
         memory = probe.read()
         step = self.weights_step + self.decoder.kv_bytes_per_step(timing.prompt_tokens, timing.new_tokens)
         floor = roofline.floor_ms(step, self.read_bandwidth)
-        output = self.job.prompts.tokenizer.decode(generated, skip_special_tokens=True)
-        sample = Sample(index, repetition, self.config.prompts.items[index], output, timing, memory, floor,
-                        roofline.fraction(floor, timing.decode_ms_per_token))
-        log.info(f"prompt {index + 1}/{len(self.inputs)} rep {repetition + 1}/{self.config.repetitions}: {timing.new_tokens} tokens in "
+        prompts = [self.config.prompts.items[i] for i in self.job.prompts.batches[index]]
+        outputs = [self.job.prompts.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in generated]
+        sample = Sample(index, repetition, prompts[0], outputs[0], timing, memory, floor, roofline.fraction(floor, timing.decode_ms_per_token),
+                        tuple(zip(prompts, outputs)) if len(prompts) > 1 else ())
+        what = f"prompt {index + 1}/{len(self.inputs)}" if len(prompts) == 1 else f"batch {index + 1}/{len(self.inputs)} of {len(prompts)}"
+        log.info(f"{what} rep {repetition + 1}/{self.config.repetitions}: {timing.new_tokens} tokens in "
                  f"{timing.generate_s:.2f} s ({timing.decode_ms_per_token:.1f} ms/token, {sample.roofline_fraction:.2f} of the bandwidth "
                  "floor)")
-        return sample, generated
+        return sample, generated[0]

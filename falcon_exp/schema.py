@@ -42,6 +42,7 @@ TIMED = _metrics(
 FLOOR = Metric(FLOOR_MS_PER_TOKEN, "ms", "mean bytes a decode step reads (weights with scales, the KV cache as the decoder "
                                          "reads it) / read bandwidth: the fastest a step could be")
 DECODE_TOKENS_PER_S = "time/decode_tokens_per_s"
+AGGREGATE_TOKENS_PER_S = "time/aggregate_tokens_per_s"  # batch_size x decode_tokens_per_s: every sequence's tokens per second
 PROMPT_TOKENS = "tokens/prompt_tokens"
 NEW_TOKENS = "tokens/new_tokens"
 TOKENS = (PROMPT_TOKENS, NEW_TOKENS)  # per sample; the run logs their sums as `<name>_total`
@@ -266,6 +267,7 @@ TAG_ROOFLINE_WARNING = "falcon_exp.roofline_warning"
 TAG_READ_METHOD = "falcon_exp.read_method"  # the way of reading that gave roofline/read_bandwidth_gbs
 TAG_NOISE = "falcon_exp.noise"  # what the noise check found, when it found a generation off
 TAG_SWEEP_DIR = "falcon_exp.sweep_dir"  # on a sweep's parent run
+TAG_BATCH_PROMPTS = "falcon_exp.batch_prompts"  # with batch_size > 1: how many distinct prompts a batch holds
 # On a sweep's parent run: the ids of earlier runs that stand for the jobs resume=true skipped,
 # space-separated, 200 a tag (then in falcon_exp.reused_runs.1, .2, ...).
 TAG_REUSED_RUNS = "falcon_exp.reused_runs"
@@ -314,4 +316,5 @@ CONDITIONAL |= {
     TAG_SLURM_JOB: "in a SLURM job",
     TAG_REUSED_RUNS: "on a resumed sweep's parent run, when resume=true skipped a job",
     TAG_NOISE: "when a generation was off: which, by how much, the likely cause, what was re-run",
+    TAG_BATCH_PROMPTS: "with batch_size > 1",
 }

@@ -74,7 +74,8 @@ def log_result(run_id: str, job: Job, result: JobResult) -> None:
         | {n: getattr(s.timing, n) for n in fields}
         for s in result.samples
     ]
-    per_token = [r | {"itl_ms": list(s.timing.itl_ms)} for r, s in zip(rows, result.samples)]  # each decode step's time
+    per_token = [r | {"itl_ms": list(s.timing.itl_ms)} | ({"batch": [{"prompt": p, "output": o} for p, o in s.sequences]} if s.sequences else {})
+                 for r, s in zip(rows, result.samples)]  # each decode step's time; in a batch, every sequence's text
     client.log_text(run_id, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_token), "generations.jsonl")
     client.log_table(run_id, {k: [r[k] for r in rows] for k in rows[0]}, "generations.json")
     if result.task_results is not None:

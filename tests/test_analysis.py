@@ -300,3 +300,18 @@ def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path
     comparison = pd.read_csv(tmp_path / "f" / "figures" / "comparison.csv")
     assert list(comparison["mode"]) == ["nf4", "ao-int4", "hqq4", "bf16"]  # the backends' order, then the baseline
     assert comparison["time/decode_ms_per_token / bf16"].notna().all()  # every backend against the one baseline
+
+
+def test_a_sweep_over_batch_sizes_is_compared_by_batch_and_drawn_against_it(tmp_path, monkeypatch, capsys):
+    """`-m bits=4,16 batch_size=1,2`: every run logs its batch and rates, the table groups by batch
+    size, and the throughput figure is drawn."""
+    uri = f"sqlite:///{tmp_path}/batch.db"
+    done = run_cli("-m", "bits=4,16", "batch_size=1,2", *QUICK, "repetitions=1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 0, done.stderr[-3000:]
+    analyse_in(tmp_path / "f", uri, monkeypatch, capsys)
+    folder = tmp_path / "f" / "figures"
+    results = pd.read_csv(folder / "results.csv")
+    assert sorted(zip(results["mode"], results["batch_size"])) == [("bf16", 1), ("bf16", 2), ("nf4", 1), ("nf4", 2)]
+    assert list(results["aggregate_tokens_per_s"]) == pytest.approx(list(results["batch_size"] * results["decode_tokens_per_s"]), rel=1e-9)
+    assert "batch_size" in (folder / "comparison.md").read_text().splitlines()[0]
+    assert (folder / "throughput_vs_batch.png").stat().st_size > 0

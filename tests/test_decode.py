@@ -42,8 +42,8 @@ def test_fast_path_picks_the_same_tokens_as_generate(tiny, force_length):
     eager = EagerDecoder(model, pad_token_id=2)
     for prompt in PROMPTS:
         ids = torch.tensor([prompt])
-        expected = eager.generate(ids, 24, force_length, on_token=lambda: None)
-        assert fast.generate(ids, 24, force_length, on_token=lambda: None) == expected
+        (expected,) = eager.generate(ids, 24, force_length, on_token=lambda: None)
+        assert fast.generate(ids, 24, force_length, on_token=lambda: None) == [expected]
         if force_length:
             assert len(expected) == 24
 
@@ -69,8 +69,8 @@ def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):
     job, model = tiny
     fast = FastDecoder(model, max_tokens=32, config=job, device="cpu")
     assert fast.path == "static_cache" and "CUDA graphs need a CUDA device" in fast.fallback
-    timing, generated = timed_generate(fast, torch.tensor([PROMPTS[0]]), 10, True, "cpu")
-    assert len(generated) == timing.new_tokens == 10
+    timing, (generated,) = timed_generate(fast, torch.tensor([PROMPTS[0]]), 10, True, "cpu")
+    assert len(generated) == timing.new_tokens == 10 and timing.batch == 1
     assert 0 < timing.ttft_ms and timing.ttft_ms + 9 * timing.decode_ms_per_token <= timing.generate_s * 1e3 + 1e-6
 
 
@@ -214,10 +214,9 @@ def test_a_second_compile_of_the_same_step_loads_it_from_the_projects_compile_ca
     cache, kept under the project's cache in a folder of this torch and these GPUs, serves the
     second job's identical graph instead of compiling it again."""
     from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from falcon_exp import decode
-
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.setenv("FALCON_EXP_CACHE", str(tmp_path))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes there once it is used

@@ -30,7 +30,7 @@ def tiny_model():
 
 def test_forced_length_generates_exactly_the_asked_tokens_and_times_them(tiny_model):
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
-    timing, generated = timed_generate(EagerDecoder(tiny_model, 2), prompt, new_tokens=12, force_length=True, device="cpu")
+    timing, (generated,) = timed_generate(EagerDecoder(tiny_model, 2), prompt, new_tokens=12, force_length=True, device="cpu")
     assert timing.prompt_tokens == 5 and timing.new_tokens == 12 == len(generated)
     assert 0 < timing.ttft_ms < timing.generate_s * 1e3
     # first token, then 11 decode steps: their sum cannot exceed the whole call

@@ -71,7 +71,7 @@ def _greedy_tokens(path, prompt: str, count: int) -> list[int]:
     with quantizable_linears():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     ids = encode(AutoTokenizer.from_pretrained(path), prompt, chat_template=True)
-    return EagerDecoder(model, 2).generate(ids, count, True, lambda: None)
+    return EagerDecoder(model, 2).generate(ids, count, True, lambda: None)[0]
 
 
 def test_a_bf16_run_that_stops_early_matches_itself(isolated):

@@ -13,7 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from falcon_exp import schema
-from falcon_exp.analysis.load import MODE
+from falcon_exp.analysis.load import MODE, SCHEME
 from falcon_exp.analysis.tables import BACKEND, MODE_ORDER, REP_HIGH, REP_LOW, column, ordered, peak_memory, repetition_range, task_columns
 from falcon_exp.cache import replaced
 
@@ -155,6 +155,36 @@ def quality_vs_memory(runs: pd.DataFrame, keys: list[str], metric: str, director
     return _save(figure, directory, stem)
 
 
+def against_batch(runs: pd.DataFrame, keys: list[str], metric: str, label: str, directory: Path, stem: str) -> list[Path]:
+    """A metric against batch_size, a line per configuration (the keys the sweep varied but the
+    batch), with the smallest batch at which each quantized mode falls behind the unquantized
+    baseline marked (on aggregate tokens/s: below it; on joules per token: above it)."""
+    runs = ordered(runs).assign(config=lambda r: _label(r, [k for k in keys if k != "batch_size"]))
+    figure, axis = _figure(figsize=(7, 4.2))
+    sns.lineplot(data=runs, x="batch_size", y=metric, hue="config", marker="o", estimator=None, sort=True, ax=axis)
+    baseline = runs[runs[SCHEME] == "none"].set_index("batch_size")[metric] if (runs[SCHEME] == "none").any() else None
+    if baseline is not None and baseline.index.is_unique:
+        worse = (lambda value, base: value < base) if metric == schema.AGGREGATE_TOKENS_PER_S else (lambda value, base: value > base)
+        for _, line in runs[runs[SCHEME] != "none"].groupby("config"):
+            behind = [r for _, r in line.sort_values("batch_size").iterrows()
+                      if r["batch_size"] in baseline.index and worse(r[metric], baseline[r["batch_size"]])]
+            if behind:
+                axis.scatter([behind[0]["batch_size"]], [behind[0][metric]], s=160, facecolors="none", edgecolors="black", zorder=5)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sorted(runs["batch_size"].unique()))
+    axis.xaxis.set_major_formatter(mpl.ticker.ScalarFormatter())
+    axis.set_xlabel("batch_size (sequences decoded together)")
+    axis.set_ylabel(label)
+    axis.set_title(f"{label} against batch size (circled: where a mode first falls behind {_baseline_name(runs)})")
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1, 1), title=None)
+    return _save(figure, directory, stem)
+
+
+def _baseline_name(runs: pd.DataFrame) -> str:
+    names = sorted(runs.loc[runs[SCHEME] == "none", MODE].unique())
+    return ", ".join(names) or "the unquantized baseline"
+
+
 QUALITY_METRICS = (schema.CORPUS_KL_MEAN, schema.KL_MEAN, schema.perplexity_ratio("en"))  # the first the runs logged
 
 
@@ -168,6 +198,10 @@ def make_all(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directo
         paths += latency_per_prompt(runs, samples, keys, directory)
         if "max_length" in runs and runs["max_length"].nunique() > 1:
             paths += time_vs_max_length(runs, samples, directory)
+        if "batch_size" in runs and runs["batch_size"].nunique() > 1:
+            paths += against_batch(runs, keys, schema.AGGREGATE_TOKENS_PER_S, "aggregate decode tokens/s", directory, "throughput_vs_batch")
+            if schema.JOULES_PER_TOKEN in runs and runs[schema.JOULES_PER_TOKEN].notna().any():
+                paths += against_batch(runs, keys, schema.JOULES_PER_TOKEN, "joules per token", directory, "energy_vs_batch")
         for metric in QUALITY_METRICS:
             if metric in runs and runs[metric].notna().any():
                 paths += quality_vs_memory(runs, keys, metric, directory)

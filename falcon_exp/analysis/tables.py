@@ -23,6 +23,7 @@ COLUMNS = (
     (schema.DECODE_MS_PER_TOKEN, "decode ms/token"),
     (schema.itl_percentile(99), "ITL p99 ms"),
     (schema.DECODE_TOKENS_PER_S, "decode tokens/s"),
+    (schema.AGGREGATE_TOKENS_PER_S, "aggregate tokens/s"),
     (schema.E2E_TOKENS_PER_S, "end-to-end tokens/s"),
     (schema.GENERATE_S, "generate s"),
 )
@@ -54,7 +55,7 @@ NOISE_NOTE = ("noise: generations a busy machine disturbed (over noise.max_ratio
               "over noise.max_cpu_wait of their time), run again, and those still off after the re-runs, which stay in the medians.")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them (each backend's own settings after the mode's).
-KEYS = ("model.name", MODE, BACKEND, "generation.fast", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
+KEYS = ("model.name", MODE, BACKEND, "generation.fast", "batch_size", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
         *(f"quantization.{b.name}.{f.name}" for b in backends.REGISTRY.values() for f in dataclasses.fields(b.settings)),
         "dtype", "force_length", "quality.corpus", "quality.corpus_context", "quality.corpus_stride", "quality.corpus_tokens",
         "quality.kl_tokens", "quality.tasks", "quality.limit")
@@ -210,6 +211,7 @@ RESULT_COLUMNS = {
     SCHEME: "scheme",
     "bits": "bits",
     "max_length": "max_length",
+    "batch_size": "batch_size",
     "force_length": "force_length",
     "repetitions": "repetitions",
     schema.WEIGHTS_GB: "weights_gb",
@@ -219,6 +221,7 @@ RESULT_COLUMNS = {
     schema.DECODE_MS_PER_TOKEN + schema.REP_STD: "ms_per_token_rep_std",
     schema.TTFT_MS: "ttft_ms",
     schema.DECODE_TOKENS_PER_S: "decode_tokens_per_s",
+    schema.AGGREGATE_TOKENS_PER_S: "aggregate_tokens_per_s",
     schema.E2E_TOKENS_PER_S: "e2e_tokens_per_s",
     schema.GENERATE_S: "generate_s",
     schema.total(schema.NEW_TOKENS): "new_tokens_total",
