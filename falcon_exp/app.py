@@ -151,8 +151,11 @@ def _run_job(cfg: DictConfig, outcome: _Outcome) -> str:
         if sweep_dir is None:
             raise JobFailed() from None  # said above
         return outcome.ended("FAILED", one_line(error))
+    shown: set[str] = set()
     for sample in result.samples:
-        if sample.repetition == 0:
-            print(f"\n[{job.config.mode}] Q: {sample.prompt}\nA: {sample.output.strip()}", flush=True)
+        for prompt, output in sample.sequences or ((sample.prompt, sample.output),):
+            if sample.repetition == 0 and prompt not in shown:  # a prompt cycled into a batch is shown once
+                shown.add(prompt)
+                print(f"\n[{job.config.mode}] Q: {prompt}\nA: {output.strip()}", flush=True)
     log.info(f"run {name} FINISHED in {store.shown_uri()} (experiment {job.config.tracking.experiment}, run {run_id})")
     return outcome.ended("FINISHED")

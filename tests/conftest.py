@@ -88,24 +88,36 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "falco
 
 class Forks:
     """One process that imports what the commands import, then forks a child per command: the
-    child takes the command's folder, environment and output files, and runs the module as
-    `python -m` would (runpy), so each command still runs in a process of its own, from the start
-    of its `main`. Requests and exit codes are JSON lines on the process's stdin and stdout."""
+    child takes the command's folder, environment, output files and (if asked) a session of its
+    own, and runs the module as `python -m` would (runpy), so each command still runs in a process
+    of its own, from the start of its `main`. Requests, children's pids and their exit codes are
+    JSON lines on the process's stdin and stdout; several children may run at once."""
 
     _shared: Forks | None = None
     PRELOAD = ("falcon_exp.app", "falcon_exp.sweep", "falcon_exp.analysis.figures", "transformers.models.falcon.modeling_falcon",
                "transformers.models.llama.modeling_llama", "bitsandbytes", "mlflow", "hydra")
     SERVER = """
-import json, os, runpy, sys, traceback
+import json, os, runpy, select, sys, traceback
 for name in sys.argv[1:]:
     __import__(name)
 print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
+children = set()
+while True:
+    while children and (done := os.waitpid(-1, os.WNOHANG))[0]:
+        children.discard(done[0])
+        print(json.dumps({"exited": done[0], "code": os.waitstatus_to_exitcode(done[1])}), flush=True)
+    if not select.select([sys.stdin], [], [], 0.05)[0]:
+        continue
+    line = sys.stdin.readline()
+    if not line:
+        break
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            if request["session"]:
+                os.setsid()
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
@@ -125,9 +137,8 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    children.add(pid)
     print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
     def __init__(self) -> None:
@@ -136,9 +147,21 @@ for line in sys.stdin:
 
         self.process = subprocess.Popen([sys.executable, "-c", self.SERVER, *self.PRELOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True, env=os.environ | {"HYDRA_FULL_ERROR": "0"})
-        self.replies: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [self.replies.put(json.loads(line)) for line in self.process.stdout], daemon=True).start()
-        assert self.replies.get(timeout=300) == {"ready": True}
+        self.started: queue.Queue = queue.Queue()
+        self.exits: dict[int, int] = {}
+        self.exited = threading.Condition()
+        threading.Thread(target=self._replies, daemon=True).start()
+        assert self.started.get(timeout=300) == {"ready": True}
+
+    def _replies(self) -> None:
+        for line in self.process.stdout:
+            reply = json.loads(line)
+            if "exited" not in reply:
+                self.started.put(reply)
+                continue
+            with self.exited:
+                self.exits[reply["exited"]] = reply["code"]
+                self.exited.notify_all()
 
     @classmethod
     def shared(cls) -> Forks:
@@ -146,23 +169,78 @@ for line in sys.stdin:
             cls._shared = cls()
         return cls._shared
 
-    def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    def start(self, module: str, args: list[str], cwd: Path, env: dict, new_session: bool = False) -> Forked:
         import tempfile
 
-        with tempfile.TemporaryDirectory() as folder:
-            out, err = Path(folder) / "out", Path(folder) / "err"
-            out.touch(), err.touch()
-            request = {"module": module, "args": args, "cwd": str(cwd), "env": dict(env), "out": str(out), "err": str(err)}
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            pid = self.replies.get(timeout=60)["pid"]
-            try:
-                code = self.replies.get(timeout=timeout)["code"]
-            except Exception:  # queue.Empty: past the timeout
-                os.kill(pid, 9)
-                self.replies.get(timeout=60)
-                raise subprocess.TimeoutExpired([module, *args], timeout) from None
-            return subprocess.CompletedProcess([module, *args], code, out.read_text(), err.read_text())
+        folder = Path(tempfile.mkdtemp(prefix="forked-"))
+        out, err = folder / "out", folder / "err"
+        out.touch()
+        os.mkfifo(err)  # stderr streams, as a pipe does
+        request = {"module": module, "args": args, "cwd": str(cwd), "env": dict(env), "out": str(out), "err": str(err),
+                   "session": new_session}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        pid = self.started.get(timeout=60)["pid"]
+        return Forked(self, pid, [module, *args], out, open(err, encoding="utf-8", errors="replace"))
+
+    def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+        child = self.start(module, args, cwd, env)
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(60)
+            raise
+        return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+class Forked:
+    """A forked command, used as a subprocess.Popen (text mode, stderr a pipe): `stderr` streams
+    its lines; `communicate` returns what is left, and stdout."""
+
+    def __init__(self, forks: Forks, pid: int, args: list[str], out: Path, stderr) -> None:
+        self.forks, self.pid, self.args, self.out, self.stderr = forks, pid, args, out, stderr
+        self.returncode: int | None = None
+
+    def send_signal(self, signal_number: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal_number)
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+    def poll(self) -> int | None:
+        with self.forks.exited:
+            self.returncode = self.forks.exits.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.forks.exited:
+            if not self.forks.exited.wait_for(lambda: self.pid in self.forks.exits, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = self.forks.exits[self.pid]
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Reads stderr to its end while waiting (the child never blocks on a full pipe)."""
+        import threading
+
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.append(self.stderr.read()), daemon=True)
+        reader.start()
+        self.wait(timeout)
+        reader.join(timeout=60)
+        self.stderr.close()
+        return self.out.read_text(), "".join(rest)
+
+
+def start_cli(*args: str, cwd: Path, env: dict | None = None, new_session: bool = False) -> Forked:
+    """The command line started and left running (as subprocess.Popen), forked as run_cli's are."""
+    environment = os.environ | {"HYDRA_FULL_ERROR": "0"} | (env or {})
+    return Forks.shared().start("falcon_exp", list(args), cwd, environment, new_session)
 
 
 def start_mlflow_server(root: Path, port: int | None = None, backend: str | None = None):

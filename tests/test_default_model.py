@@ -16,7 +16,9 @@ TOPICS = [("magic", "mystic", "wizard", "wish", "story", "once"), ("vacation", "
 
 
 def test_default_model_answers_the_five_prompts_in_4_and_8_bits(tmp_path, store):
-    done = run_cli("-m", "bits=4,8", "repetitions=1", "warmup=0", "max_length=72", "quality.enabled=false", "noise.reruns=0", cwd=tmp_path)
+    """The five prompts in one batch: every sequence of a left-padded batch answers its own prompt."""
+    done = run_cli("-m", "bits=4,8", "batch_size=5", "repetitions=1", "warmup=0", "max_length=null", "max_new_tokens=40",
+                   "quality.enabled=false", "noise.reruns=0", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs, client = runs_of(store)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -25,8 +27,9 @@ def test_default_model_answers_the_five_prompts_in_4_and_8_bits(tmp_path, store)
         assert child.info.status == "FINISHED" and child.data.params["model.name"] == "smollm2-135m-instruct"
         assert child.data.metrics["quant/quantized_layers"] == 30 * 7  # every projection of 30 layers
         path = client.download_artifacts(child.info.run_id, "generations.jsonl", str(tmp_path / child.info.run_id))
-        answers = [json.loads(line)["output"].lower() for line in open(path)]
-        assert len(answers) == 5
+        (batch,) = [json.loads(line)["batch"] for line in open(path)]
+        answers = [sequence["output"].lower() for sequence in batch]
+        assert len(answers) == 5 and child.data.params["batch_size"] == "5"
         # coherent English, not noise: every answer is built of common English words, and most
         # name their prompt's subject (a story may open on the moon rather than on magic)
         for answer in answers:

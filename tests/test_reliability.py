@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, run_cli, runs_of, start_mlflow_server
+from conftest import QUICK, run_cli, runs_of, start_cli, start_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +25,7 @@ def start_and_stop(tmp_path, *signals: signal.Signals, args: tuple[str, ...] = (
     """Start a long job, wait until timed generation is under way (`times` lines saying so: one
     per parallel worker), send the signals (to its whole process group, as a terminal's Ctrl-C
     does, if `group`); returns the exit code and what it printed after them."""
-    process = subprocess.Popen([sys.executable, "-m", "falcon_exp", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                               env=os.environ, start_new_session=group)
+    process = start_cli(*args, cwd=tmp_path, new_session=group)
     seen = 0
     for line in process.stderr:
         seen += under_way in line
@@ -165,10 +162,10 @@ def test_two_sweeps_started_together_keep_their_own_folders_and_runs_and_log_no_
     each in its own folder with its own runs; no secret from the environment is stored anywhere."""
     secret = "hf_do_not_log_this_0123456789"
     env = os.environ | {"HF_TOKEN": secret, "MLFLOW_TRACKING_TOKEN": secret, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "falcon_exp", "-m", "bits=4", *QUICK, f"prompts.file={two_prompts}"]
-    sweeps = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    sweeps = [start_cli("-m", "bits=4", *QUICK, f"prompts.file={two_prompts}", cwd=tmp_path, env=env) for _ in range(2)]
     for sweep in sweeps:
-        assert sweep.wait(timeout=300) == 0, sweep.stderr.read()[-2000:]
+        _, err = sweep.communicate(timeout=300)
+        assert sweep.returncode == 0, err[-2000:]
     runs, _ = runs_of(env["MLFLOW_TRACKING_URI"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and len({p.data.tags["falcon_exp.sweep_dir"] for p in parents}) == 2
@@ -190,9 +187,9 @@ def test_a_server_restarted_mid_sweep_fails_the_jobs_it_missed_and_resume_finish
     (tmp_path / "server").mkdir()
     server, uri = start_mlflow_server(tmp_path / "server", backend=postgres)
     port = int(uri.rsplit(":", 1)[1])
-    command = [sys.executable, "-m", "falcon_exp", "-m", "bits=4,8", *QUICK, f"prompts.file={two_prompts}", "tracking.experiment=restart"]
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # a user's own limit wins over falcon-exp's 3
-    sweep = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+    command = ["-m", "bits=4,8", *QUICK, f"prompts.file={two_prompts}", "tracking.experiment=restart"]
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # a user's own limit wins over falcon-exp's 3
+    sweep = start_cli(*command, cwd=tmp_path, env=env)
     failures, down = [], None
     try:
         for line in sweep.stderr:
@@ -206,13 +203,13 @@ def test_a_server_restarted_mid_sweep_fails_the_jobs_it_missed_and_resume_finish
                     server, _ = start_mlflow_server(tmp_path / "server", port, backend=postgres)
             elif "Traceback" in line:
                 raise AssertionError(line)
-        sweep.wait(timeout=60)
+        sweep.communicate(timeout=60)
         assert sweep.returncode == 1 and failures
         failed = {re.search(r"job bits=(\d+) FAILED", line).group(1) for line, _ in failures}
         assert failed == {"8"}
         for line, after_s in failures:
             assert after_s < 120 and ("unreachable" in line or "Connection" in line), line
-        again = subprocess.run([*command, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        again = run_cli(*command, "resume=true", cwd=tmp_path, env=env, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         runs, _ = runs_of(uri, "restart")
         finished = [r.data.params["bits"] for r in runs if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags]
