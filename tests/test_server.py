@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, TWO_PROMPTS, runs_of, start_cli
+from conftest import QUICK, TWO_PROMPTS, runs_of
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,7 +40,9 @@ def sweeps_on_server(pg_server, tmp_path_factory):
     (root / "two.yaml").write_text(TWO_PROMPTS)
     common = [*QUICK, f"prompts.file={root / 'two.yaml'}", f"tracking.experiment={EXPERIMENT}"]
     host = uri.removeprefix("http://")
-    started = {name: start_cli("-m", *args, *common, cwd=root, env={"MLFLOW_TRACKING_URI": ADDRESSES[name].format(secret=SECRET, host=host)})
+    started = {name: subprocess.Popen([sys.executable, "-m", "falcon_exp", "-m", *args, *common], cwd=root, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=os.environ | {"MLFLOW_TRACKING_URI": ADDRESSES[name].format(secret=SECRET, host=host)})
                for name, args in SWEEPS.items()}
     for name, process in started.items():
         out, err = process.communicate(timeout=600)
