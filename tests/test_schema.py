@@ -86,3 +86,22 @@ def test_tag_and_metric_names_are_written_in_the_schema_alone():
                 written = [name for name in names if text == name or f"tags.{name}" in text or f"metrics.{name}" in text]
                 found += [f"{path.relative_to(REPO)}:{node.lineno}: {text!r}" for name in written if path.name != names[name]]
     assert found == [], "names written outside where they are declared:\n" + "\n".join(found)
+
+
+def test_no_module_outside_the_backends_names_a_backend_in_code():
+    """Adding a method is one module in falcon_exp/backends/: no other module's code (its names,
+    attributes and strings, docstrings and comments aside) names a backend or the package it imports."""
+    words = {w for method in backends.REGISTRY.values() for w in (method.name, *method.packages)} | {"bnb"}
+    found = []
+    for path in sorted((REPO / "falcon_exp").rglob("*.py")):
+        if "backends" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            text = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    else node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else "")
+            found += [f"{path.relative_to(REPO)}:{node.lineno}: {text!r}" for word in words if word in text.lower()]
+    assert found == [], "backends named outside falcon_exp/backends/:\n" + "\n".join(found)
