@@ -51,20 +51,20 @@ def renamed_keys(arguments: list[str]) -> tuple[list[str], list[str]]:
     return renamed, notices
 
 
-def identity_params(flat: dict) -> dict:
+def identity_params(flat: dict, nodes: dict[str, dict]) -> dict:
     """A job's params in the shape its backend's runs had when that backend came, so that resume=true
-    finds them: for a backend of 0.1 or 0.2, every such backend's settings flat under their old keys
-    (the chosen one's as given, the others at the packaged defaults, as 0.2 logged them), and for
-    0.1's backend (bitsandbytes alone then) neither quantization.backend nor what later backends added."""
+    finds them: for a backend of 0.1 or 0.2, every such backend's settings flat under their old keys,
+    as composed (`nodes`, by backend; 0.2 logged them all), and for 0.1's backend (bitsandbytes alone
+    then) neither quantization.backend nor what later backends added."""
     chosen = backends.get(flat["quantization.backend"])
     if chosen.since not in ("0.1", "0.2"):
         return flat
     shaped = {k: v for k, v in flat.items() if not any(k.startswith(f"quantization.{name}.") for name in backends.names())}
     defaults = packaged_defaults()
     for old, new in FORMER_KEYS.items():
-        owner = backends.get(new.split(".")[1])
-        if owner.since == "0.1" or chosen.since == "0.2":
-            shaped[old] = flat[new] if owner is chosen else defaults[new]
+        owner, leaf = new.split(".")[1:]
+        if backends.get(owner).since == "0.1" or chosen.since == "0.2":
+            shaped[old] = flat[new] if owner == chosen.name else nodes.get(owner, {}).get(leaf, defaults[new])
     if chosen.since == "0.1":
         del shaped["quantization.backend"]
     return shaped

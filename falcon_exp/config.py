@@ -41,7 +41,8 @@ def packaged_defaults() -> dict[str, Any]:
     """conf/config.yaml's values and each backend's (conf/backend/) by dotted key, read once per
     process (every job's identity asks)."""
     nodes = {path.stem: yaml.safe_load(path.read_text()) for path in (CONF_DIR / "backend").glob("*.yaml")}
-    return flatten(yaml.safe_load((CONF_DIR / "config.yaml").read_text()) | {"quantization": nodes})
+    raw = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    return flatten(raw | {"quantization": raw["quantization"] | nodes})
 
 
 def packaged_settings(backend: str) -> Any:
@@ -131,6 +132,7 @@ class QuantizationConfig:
     backend: str
     from_checkpoint: bool  # take bits and settings from the checkpoint's own quantization_config
     settings: Any  # the chosen backend's Settings
+    nodes: dict = field(default_factory=dict, compare=False)  # every backend's settings as composed, by backend (identities of 0.2)
 
     @classmethod
     def from_dict(cls, raw: Any) -> QuantizationConfig:
@@ -145,7 +147,7 @@ class QuantizationConfig:
         settings = {name: _build(backends.get(name).settings, raw[name], f"quantization.{name}") for name in names if name in raw}
         if method.name not in settings:
             raise ConfigError(f"quantization.{method.name} is missing; give its settings (conf/backend/{method.name}.yaml)")
-        return cls(method.name, raw["from_checkpoint"], settings[method.name])
+        return cls(method.name, raw["from_checkpoint"], settings[method.name], {name: dataclasses.asdict(s) for name, s in settings.items()})
 
     @property
     def method(self) -> backends.Backend:

@@ -66,7 +66,7 @@ class Job:
         """A hash of everything that shapes the measurement (the config, the prompts' text): a
         FINISHED run with the same identity makes `resume=true` skip this job."""
         skipped = {"resume"} | added_at_default(self.config.flat)
-        return self._hash(lambda key: key not in skipped, identity_params(self.config.flat))
+        return self._hash(lambda key: key not in skipped, identity_params(self.config.flat, self.config.quantization.nodes))
 
     @property
     def measured(self) -> str:

@@ -55,6 +55,9 @@ def load(job: Job) -> LoadedModel:
         model = model_class.from_pretrained(source, **kwargs)
     if method and not weights.prequantized:
         method.quantize(model, config, device)  # methods transformers cannot load with quantize here
+        gc.collect()
+        if device == "cuda":  # the unquantized weights it replaced: not the generation's reserve
+            torch.cuda.empty_cache()
     synchronize(device)
     load_s = time.perf_counter() - start
     model.eval()

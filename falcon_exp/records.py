@@ -150,7 +150,7 @@ def _columns(samples: list[Sample]) -> dict[str, list[float]]:
     if any(s.timing.cpu_wait_share == s.timing.cpu_wait_share for s in samples):  # where Linux reports it
         columns[schema.CPU_WAIT_SHARE] = [s.timing.cpu_wait_share for s in samples]
     if any(s.timing.joules == s.timing.joules for s in samples):  # where an energy counter was read
-        columns[schema.JOULES_PER_TOKEN] = [s.timing.joules / s.timing.new_tokens for s in samples]
+        columns[schema.JOULES_PER_TOKEN] = [s.timing.joules / (s.timing.new_tokens * s.timing.batch) for s in samples]
         columns[schema.MEAN_POWER_W] = [s.timing.joules / s.timing.generate_s for s in samples]
     columns[schema.FLOOR_MS_PER_TOKEN] = [s.floor_ms_per_token for s in samples]
     columns[schema.ROOFLINE_FRACTION] = [s.roofline_fraction for s in samples]

@@ -201,7 +201,7 @@ JOULES_PER_TOKEN = "energy/joules_per_token"
 MEAN_POWER_W = "energy/mean_power_w"
 ENERGY = _metrics(
     Metric(JOULES_PER_TOKEN, "J", "per generation, the joules drawn from its start to its last token over the tokens it "
-                                  "generated (prefill included, idle power not subtracted); the run's: the median"),
+                                  "generated, every sequence's (prefill included, idle power not subtracted); the run's: the median"),
     Metric(MEAN_POWER_W, "W", "per generation, those joules over generate_s; the run's: the median"),
 )
 

@@ -116,13 +116,13 @@ while True:
     if pid == 0:
         code = 1
         try:
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY), (2, request["err"], os.O_WRONLY)):
+                os.dup2(os.open(path, mode), fd)  # first: the caller waits on the stderr pipe's opening
             if request["session"]:
                 os.setsid()
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
-            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY), (2, request["err"], os.O_WRONLY)):
-                os.dup2(os.open(path, mode), fd)
             sys.argv = [request["module"], *request["args"]]
             try:
                 runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
@@ -157,6 +157,8 @@ while True:
         for line in self.process.stdout:
             reply = json.loads(line)
             if "exited" not in reply:
+                with self.exited:  # a pid the system gave again: not the earlier child's exit
+                    self.exits.pop(reply.get("pid"), None)
                 self.started.put(reply)
                 continue
             with self.exited:
@@ -181,16 +183,11 @@ while True:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         pid = self.started.get(timeout=60)["pid"]
-        return Forked(self, pid, [module, *args], out, open(err, encoding="utf-8", errors="replace"))
+        return Forked(self, pid, [module, *args], folder, open(err, encoding="utf-8", errors="replace"))
 
     def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
         child = self.start(module, args, cwd, env)
-        try:
-            out, err = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(60)
-            raise
+        out, err = child.communicate(timeout=timeout)
         return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
@@ -198,12 +195,12 @@ class Forked:
     """A forked command, used as a subprocess.Popen (text mode, stderr a pipe): `stderr` streams
     its lines; `communicate` returns what is left, and stdout."""
 
-    def __init__(self, forks: Forks, pid: int, args: list[str], out: Path, stderr) -> None:
-        self.forks, self.pid, self.args, self.out, self.stderr = forks, pid, args, out, stderr
+    def __init__(self, forks: Forks, pid: int, args: list[str], folder: Path, stderr) -> None:
+        self.forks, self.pid, self.args, self.folder, self.stderr = forks, pid, args, folder, stderr
         self.returncode: int | None = None
 
     def send_signal(self, signal_number: int) -> None:
-        if self.returncode is None:
+        if self.poll() is None:  # never a process that took over an ended child's pid
             os.kill(self.pid, signal_number)
 
     def kill(self) -> None:
@@ -226,15 +223,23 @@ class Forked:
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Reads stderr to its end while waiting (the child never blocks on a full pipe)."""
+        import shutil
         import threading
 
         rest: list[str] = []
         reader = threading.Thread(target=lambda: rest.append(self.stderr.read()), daemon=True)
         reader.start()
-        self.wait(timeout)
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
         reader.join(timeout=60)
-        self.stderr.close()
-        return self.out.read_text(), "".join(rest)
+        if not reader.is_alive():  # a grandchild may still hold the pipe open: then its text is left
+            self.stderr.close()
+        out = (self.folder / "out").read_text()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return out, "".join(rest)
 
 
 def start_cli(*args: str, cwd: Path, env: dict | None = None, new_session: bool = False) -> Forked:

@@ -32,7 +32,8 @@ def test_architectures_match_the_published_shapes():
 def test_missing_hub_weights_fail_in_seconds_with_one_line(tmp_path):
     start = time.monotonic()
     done = run_cli("model=falcon-40b-instruct", cwd=tmp_path,
-                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/s.db"})
+                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/s.db"},
+                   fresh=True)  # HF_HOME is read when huggingface_hub is imported
     assert time.monotonic() - start < 60
     assert done.returncode == 2 and "Traceback" not in done.stderr
     line = done.stderr.strip().splitlines()[-1]

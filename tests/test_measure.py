@@ -129,3 +129,13 @@ def test_rapl_energy_is_read_across_the_counters_wrap(tmp_path, monkeypatch):
     assert meter.joules_since(before) == (3001 + 500) / 1e6
     monkeypatch.setattr(measure, "_RAPL", tmp_path / "absent")
     assert "no RAPL package energy counter" in measure.EnergyMeter("cpu", []).unmeasured["energy/joules_per_token"]
+
+
+def test_joules_per_token_count_every_sequence_of_a_batch():
+    """10 J over a batch of two sequences of 5 tokens each: 1 J a token, 5 W over 2 s."""
+    from falcon_exp import schema
+    from falcon_exp.records import Sample, Timing, _columns
+
+    timing = Timing(4, 5, 2.0, 1.0, 1.0, 2.5, 0.0, joules=10.0, batch=2)
+    columns = _columns([Sample(0, 0, "p", "o", timing, {}, 1.0, 1.0)])
+    assert columns[schema.JOULES_PER_TOKEN] == [1.0] and columns[schema.MEAN_POWER_W] == [5.0]

@@ -61,17 +61,19 @@ class Hqq(Backend):
         return next(m for m in self.modes if m.bits == bits)
 
     def check(self, config: JobConfig, device: str, weights: Weights) -> None:
-        """Its groups tile every layer it quantizes: along a row, the input width; along a column,
-        the output width (else a group would straddle two rows or columns)."""
+        """Its groups tile every layer it quantizes: with axis=1 a group is part of a row, so the
+        group size must divide the input width (else a group would straddle two rows); with axis=0
+        hqq groups the flattened weights, so it must divide their count."""
         from falcon_exp.weights import quantized_layer_shapes
 
         settings = config.quantization.settings
-        widths = {shape[settings.axis] for shape in quantized_layer_shapes(weights)}
-        if undivided := sorted(w for w in widths if w % settings.group_size):
-            fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
-            side = "input" if settings.axis == 1 else "output"
-            raise ConfigError(f"quantization.hqq.group_size={settings.group_size} does not divide {config.model.name}'s layer {side} "
-                              f"width {', '.join(map(str, undivided))} (quantization.hqq.axis={settings.axis}); "
+        shapes = quantized_layer_shapes(weights)
+        sizes = {shape[1] for shape in shapes} if settings.axis == 1 else {shape[0] * shape[1] for shape in shapes}
+        if undivided := sorted(w for w in sizes if w % settings.group_size):
+            fitting = [g for g in GROUP_SIZES if all(w % g == 0 for w in sizes)]
+            what = "layer input width" if settings.axis == 1 else "layer weight count"
+            raise ConfigError(f"quantization.hqq.group_size={settings.group_size} does not divide {config.model.name}'s {what} "
+                              f"{', '.join(map(str, undivided))} (quantization.hqq.axis={settings.axis}); "
                               f"allowed here: {', '.join(map(str, fitting)) or 'none'}")
 
     def quantize(self, model: torch.nn.Module, config: JobConfig, device: str) -> None:
