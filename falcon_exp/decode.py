@@ -293,6 +293,13 @@ def cuda_graph_of(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def each_alone(model: PreTrainedModel, input_ids: tuple[torch.Tensor, ...], lengths: list[int], force_length: bool,
+               pad_token_id: int) -> list[list[int]]:
+    """Each prompt's greedy continuation of its length, decoded alone and untimed (what quality scores)."""
+    decoder, where = EagerDecoder(model, pad_token_id), next(model.parameters()).device
+    return [decoder.generate(ids.to(where), length, force_length, lambda: None)[0] for ids, length in zip(input_ids, lengths)]
+
+
 def decoder_for(model: PreTrainedModel, config: JobConfig, max_tokens: int, device: str, pad_token_id: int) -> Decoder:
     """The eager decoder, or with generation.fast the fast one with room for `max_tokens` (prompt
     plus generated), for batches of config.batch_size."""

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from falcon_exp import schema
 from falcon_exp.cache import cache_dir, content_hash, replaced
 from falcon_exp.console import log
-from falcon_exp.decode import EagerDecoder
+from falcon_exp.decode import each_alone
 from falcon_exp.job import Job
 from falcon_exp.models import MODELS
 
@@ -130,11 +130,11 @@ def reference(job: Job, text_tokens: int, free: bool) -> Reference:
         return cached
     log.info(f"computing the {job.config.dtype} reference for quality metrics (once; cached at {path})")
     model = MODELS.get(job.unquantized())[0].model
-    decoder, first = EagerDecoder(model, job.prompts.pad_token_id), next(model.parameters()).device
     length = max(job.config.quality.reference_tokens, text_tokens)
 
     def greedy(force_length: bool) -> list[list[int]]:
-        return [decoder.generate(ids.to(first), length, force_length, lambda: None)[0] for ids in job.prompts.input_ids]
+        prompts = job.prompts.input_ids
+        return each_alone(model, prompts, [length] * len(prompts), force_length, job.prompts.pad_token_id)
 
     forced = greedy(True)
     logprobs, perplexities = score(model, job, [c[: job.config.quality.reference_tokens] for c in forced])

@@ -15,7 +15,7 @@ import torch
 from falcon_exp import corpus, noise, quality, roofline, tasks
 from falcon_exp.config import JobConfig
 from falcon_exp.console import log
-from falcon_exp.decode import Decoder, EagerDecoder, decoder_for
+from falcon_exp.decode import Decoder, decoder_for, each_alone
 from falcon_exp.job import Job
 from falcon_exp.measure import EnergyMeter, MemoryProbe, timed_generate
 from falcon_exp.models import MODELS
@@ -49,7 +49,8 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
     rerun = lambda off: bench.sample(off.prompt_index, off.repetition, probe)[0]
     samples, found = noise.settle(samples, bench.warm_ms, job.config.noise, job.device, rerun)
     if reference is not None and job.config.batch_size > 1:  # quality is scored on batch-1 outputs, as the reference's are
-        first_outputs = _alone(model, job)
+        first_outputs = each_alone(model, job.prompts.input_ids, list(job.prompts.new_tokens), job.config.force_length,
+                                   job.prompts.pad_token_id)
     scores = quality.measure(model, job, reference, first_outputs) if reference is not None else {}
     if job.config.quality.corpus:
         scores |= corpus.measure(model, job, corpus_reference)
@@ -77,13 +78,6 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         noise=found,
         task_results=task_results,
     )
-
-
-def _alone(model: torch.nn.Module, job: Job) -> list[list[int]]:
-    """Each prompt's greedy continuation decoded alone (untimed), for quality at batch_size > 1."""
-    decoder, where = EagerDecoder(model, job.prompts.pad_token_id), next(model.parameters()).device
-    return [decoder.generate(ids.to(where), n, job.config.force_length, lambda: None)[0]
-            for ids, n in zip(job.prompts.input_ids, job.prompts.new_tokens)]
 
 
 def _reference(job: Job, sweep: SweepNeeds) -> tuple[quality.Reference | None, dict[str, str]]:
@@ -115,8 +109,7 @@ class _Bench:
 
     def generate(self, index: int) -> tuple[Timing, list[list[int]]]:
         ids, mask = self.inputs[index]
-        return timed_generate(self.decoder, ids, self.new_tokens[index], self.config.force_length, self.job.device, self.meter,
-                              mask if self.config.batch_size > 1 else None)
+        return timed_generate(self.decoder, ids, self.new_tokens[index], self.config.force_length, self.job.device, self.meter, mask)
 
     def warm_up(self) -> int:
         """Every prompt at its full length, untimed, so that no timed generation is the first of
