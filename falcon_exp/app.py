@@ -64,8 +64,10 @@ def _tags(job: Job) -> dict[str, str]:
     if job.weights.kind == "synthetic":
         tags[schema.TAG_TEXT] = "meaningless: synthetic (random) weights; memory and time are real"
     if config.batch_size > 1:
-        cycled = " (the prompts cycled to fill it)" if job.prompts.distinct < config.batch_size else ""
-        tags[schema.TAG_BATCH_PROMPTS] = f"{job.prompts.distinct} distinct prompts in each batch of {config.batch_size}{cycled}"
+        prompts, batches = len(job.prompts.input_ids), len(job.prompts.batches)
+        cycled = ", cycled to fill them" if batches * config.batch_size > prompts else ""
+        tags[schema.TAG_BATCH_PROMPTS] = (f"{prompts} prompts in {batches} batches of {config.batch_size}{cycled}; "
+                                          f"at least {job.prompts.distinct} distinct in each")
     return tags
 
 

@@ -315,3 +315,5 @@ def test_a_sweep_over_batch_sizes_is_compared_by_batch_and_drawn_against_it(tmp_
     assert list(results["aggregate_tokens_per_s"]) == pytest.approx(list(results["batch_size"] * results["decode_tokens_per_s"]), rel=1e-9)
     assert "batch_size" in (folder / "comparison.md").read_text().splitlines()[0]
     assert (folder / "throughput_vs_batch.png").stat().st_size > 0
+    told = {r.data.params["batch_size"]: r.data.tags.get("falcon_exp.batch_prompts") for r in runs_of(uri)[0] if "batch_size" in r.data.params}
+    assert told == {"1": None, "2": "5 prompts in 3 batches of 2, cycled to fill them; at least 2 distinct in each"}
