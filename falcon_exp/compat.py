@@ -74,7 +74,7 @@ def identity_params(flat: dict, nodes: dict[str, dict]) -> dict:
 # that resume=true still finds the runs logged before them. Removed in 1.0.
 ADDED_IN_03 = ("batch_size", "noise.max_ratio", "noise.max_cpu_wait", "noise.reruns", "quality.corpus", "quality.corpus_context",
                "quality.corpus_stride", "quality.corpus_tokens", "quality.kl_tokens", "quality.tasks", "quality.limit",
-               "quality.task_batch_size")
+               "quality.task_batch_size", "generation.compile")
 
 
 def added_at_default(flat: dict) -> set[str]:

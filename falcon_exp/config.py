@@ -119,9 +119,11 @@ class PromptsConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     fast: bool  # static KV cache and CUDA graphs (falcon_exp/decode.py)
+    compile: bool  # the fast path's step compiled before capture; false: the plain step captured (no compile to wait for)
 
     def __post_init__(self) -> None:
         boolean("generation.fast", self.fast)
+        boolean("generation.compile", self.compile)
 
 
 @dataclass(frozen=True)

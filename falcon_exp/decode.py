@@ -4,7 +4,8 @@ eager: transformers' `generate` with its dynamic cache, as a user would call it.
 fast (`generation.fast=true`): a static KV cache (fixed addresses, no reallocation as the text
 grows) and the one-token forward compiled (torch.compile fuses its small elementwise kernels)
 and captured once as a CUDA graph replayed per token, so a decode step costs the GPU's kernels,
-not Python's launches of them. Where compilation fails it captures the uncompiled step; where a
+not Python's launches of them. Where compilation fails (or `generation.compile=false` skips its
+minutes) it captures the uncompiled step; where a
 graph cannot be captured (no CUDA device, a model over several GPUs, layers a graph cannot hold,
 as LLM.int8's host-side outlier search, or a capture error) it decodes with the static cache
 alone. `fallback` says why.
@@ -134,7 +135,7 @@ class FastDecoder:
     def __init__(self, model: PreTrainedModel, max_tokens: int, config: JobConfig, device: str, batch: int = 1) -> None:
         from transformers import StaticCache
 
-        self.model, self.max_tokens, self.batch = model, max_tokens, batch
+        self.model, self.max_tokens, self.batch, self.compile = model, max_tokens, batch, config.generation.compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         where = model.get_input_embeddings().weight.device
@@ -214,14 +215,13 @@ class FastDecoder:
         return config.quantization.method.graph_blocker(config) if config.bits != 16 else None
 
     def _capture(self) -> str | None:
-        """The compiled step as a graph, else the plain step as one; the reasons for what failed."""
+        """The compiled step as a graph, else (or with generation.compile=false) the plain step as
+        one; the reasons for what failed."""
         self._buffers_beside_weights()
         torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
         use_compile_cache()
-        attempts = (("compiled_cuda_graph", "torch.compile", torch.compile(self._step, dynamic=False)),
-                    ("cuda_graph", "CUDA graph capture", self._step))
         reasons = []
-        for path, what, step in attempts:
+        for path, what, step in self._attempts():
             try:
                 self.graph, self.path = cuda_graph_of(step), path
                 return "; ".join(reasons) or None
@@ -231,6 +231,11 @@ class FastDecoder:
             finally:
                 self.cache.reset()
         return "; ".join(reasons)
+
+    def _attempts(self) -> list[tuple[str, str, Callable[[], None]]]:
+        """The steps to capture, in order of preference: (decode path, what may fail, step)."""
+        plain = ("cuda_graph", "CUDA graph capture", self._step)
+        return [("compiled_cuda_graph", "torch.compile", torch.compile(self._step, dynamic=False)), plain] if self.compile else [plain]
 
     def _buffers_beside_weights(self) -> None:
         """A loader may leave non-persistent buffers (rotary frequencies) on the host; a graph

@@ -15,6 +15,7 @@ import torch
 from conftest import compose, resolve_job
 from falcon_exp import roofline
 from falcon_exp.decode import EagerDecoder, FastDecoder, graph_safe_falcon
+from falcon_exp.errors import ConfigError
 from falcon_exp.measure import timed_generate
 from falcon_exp.models import load
 from falcon_exp.records import Bandwidth
@@ -83,11 +84,18 @@ def test_int8_with_outlier_threshold_names_why_it_cannot_be_graphed():
 
 
 def test_generation_fast_is_validated():
-    from falcon_exp.errors import ConfigError
-
     with pytest.raises(ConfigError, match="generation.fast='yes' is not allowed; choose true or false"):
         tiny_job("generation.fast=yes")
     assert tiny_job("generation.fast=true").generation.fast is True
+
+
+def test_generation_compile_false_captures_the_plain_step_alone(tiny):
+    job, model = tiny
+    paths = {compile: [path for path, _, _ in FastDecoder(model, 16, tiny_job(f"generation.compile={compile}"), "cpu")._attempts()]
+             for compile in ("true", "false")}
+    assert paths == {"true": ["compiled_cuda_graph", "cuda_graph"], "false": ["cuda_graph"]}
+    with pytest.raises(ConfigError, match="generation.compile='no' is not allowed; choose true or false"):
+        tiny_job("generation.compile=no")
 
 
 def test_bytes_per_step_count_weights_scales_and_the_expanded_kv_cache(tiny):

@@ -8,16 +8,20 @@ bandwidth floor, and whether the tokens are the same; (4) the step's matmuls alo
 layer once at batch 1, their kernels replayed as one CUDA graph, against the bytes they read. A
 fast step is its matmuls plus the rest (attention, norms, embeddings, argmax), which is the same
 for every quantization mode; so bf16's fast step minus its matmuls says what a perfect quantized
-kernel would still pay per token, and which fraction of the floor is then within reach.
+kernel would still pay per token, and which fraction of the floor is then within reach; (5) the
+fast step's GPU kernels by op class (torch's profiler over the graph's replays): kernels and
+microseconds per step in each class, and the time no kernel ran (the gaps between them).
 
     python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
         [--weights packaged|synthetic] [--tokens 64] [--rounds 10] [--set dtype=float32 ...]
-        [--show overhead profiler floor matmuls] [--decoders eager fast]
+        [--show overhead profiler floor matmuls kernels] [--decoders eager fast]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import statistics
 import time
 
@@ -31,7 +35,20 @@ from falcon_exp.job import resolve
 from falcon_exp.measure import Clock, median_seconds, synchronize, timed_generate
 from falcon_exp.models import MODELS
 
-SECTIONS = ["overhead", "profiler", "floor", "matmuls"]
+SECTIONS = ["overhead", "profiler", "floor", "matmuls", "kernels"]
+# A kernel's op class by its name, the first pattern that matches: cuBLAS, CUTLASS and the
+# quantized libraries' GEMV/GEMM kernels; attention; then inductor's fused kernels, whose names
+# list the ops they fuse (triton_poi_fused_add_mul_..., triton_red_fused_native_layer_norm_...).
+KERNEL_CLASSES = (
+    ("matmul", r"gemm|gemv|cutlass|xmma|cublas|tinygemm|_mm_|matmul|kgemm|kdequant|int4|int8|fp8|splitk"),
+    ("attention", r"fmha|flash|attention|sdpa|softmax|_bmm"),
+    ("norm", r"layer_norm|rms"),
+    ("rotary", r"cos|sin|neg"),
+    ("cache write", r"index_copy|index_put|scatter"),
+    ("activation", r"gelu"),
+    ("argmax, logits", r"argmax|max_|arg_"),
+    ("copy, fill", r"copy|fill|cat|clone|elementwise"),
+)
 
 
 def bare_generate(model, input_ids, tokens: int, device: str, pad: int) -> float:
@@ -104,6 +121,45 @@ def against_profiler(decoder, ids, tokens, device) -> None:
           f"({what}): harness/profiler {timing.generate_s * 1e3 / profiled_ms:.4f}")
 
 
+def kernel_class(name: str) -> str:
+    return next((what for what, pattern in KERNEL_CLASSES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def kernels_by_class(decoder, ids, tokens: int, ms_per_token: float | None) -> None:
+    """The fast step's kernels, profiled over its graph's replays after a prefill, by op class;
+    the step's time no kernel covered is the gaps between kernels (launch latency inside the graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if decoder.graph is None:
+        print(f"  no graph to profile ({decoder.path})")
+        return
+    steps = tokens - 1
+    with torch.no_grad():
+        decoder.cache.reset()
+        decoder._prefill(ids, None)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                decoder.graph.replay()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / steps
+    classes: dict[str, list[float]] = collections.defaultdict(list)
+    names: collections.Counter = collections.Counter()
+    for e in kernels:
+        classes[kernel_class(e.name)].append(e.time_range.elapsed_us())
+        names[e.name] += e.time_range.elapsed_us()
+    busy = sum(sum(times) for times in classes.values()) / steps
+    print(f"  {len(kernels) / steps:.0f} kernels per step, {span_us:.1f} us per step first start to last end"
+          + (f" (timed: {ms_per_token * 1e3:.1f} us)" if ms_per_token else "") + f", {busy:.1f} us in kernels")
+    print(f"  {'op class':<16}{'kernels/step':>13}{'us/step':>10}{'share':>8}")
+    for what, times in sorted(classes.items(), key=lambda item: -sum(item[1])):
+        print(f"  {what:<16}{len(times) / steps:>13.1f}{sum(times) / steps:>10.1f}{sum(times) / steps / span_us:>8.1%}")
+    print(f"  {'gaps':<16}{'':>13}{span_us - busy:>10.1f}{(span_us - busy) / span_us:>8.1%}")
+    for name, us in names.most_common(12):
+        print(f"    {us / steps:8.1f} us/step  {kernel_class(name):<14} {name[:110]}")
+
+
 def matmuls_alone(model, device: str, config) -> tuple[float, int]:
     """The ms one decode step spends in its linear layers alone (each once, at batch 1, in module
     order, their kernels captured as one CUDA graph so no launch or Python cost is counted; on the
@@ -172,11 +228,12 @@ def main() -> None:
         bandwidth = roofline.bandwidth(device).read
         weights = roofline.weight_bytes_per_step(model)
         decoders = {}
-        if {"profiler", "floor"} & set(args.show):  # the sections that decode: building the fast one compiles and captures the step
+        if {"profiler", "floor", "kernels"} & set(args.show):  # the sections that decode: building the fast one compiles and captures the step
             if "eager" in args.decoders:
                 decoders[False] = EagerDecoder(model, pad)
             if "fast" in args.decoders:
                 decoders[True] = FastDecoder(model, ids.shape[1] + args.tokens, job.config, device)
+                print(f"  fast path: {decoders[True].path}, prepared in {decoders[True].prepare_s:.1f} s")
         if "profiler" in args.show:
             print("(2) against torch's profiler")
             for decoder in decoders.values():
@@ -213,6 +270,9 @@ def main() -> None:
                 print(f"  matmuls + rest = {matmul_ms + rest_ms:.3f} ms per token" + (f" (fast path measured {fast_ms:.3f})" if fast_ms else "")
                       + f"; with its matmuls at the read bandwidth {perfect:.3f} ms: at most {floor / perfect:.3f} of the floor "
                       f"({floor:.3f} ms)")
+        if "kernels" in args.show and True in decoders:
+            print("(5) the fast step's kernels by op class")
+            kernels_by_class(decoders[True], ids, args.tokens, results[True][0] if True in results else None)
         del decoders
         MODELS.clear()
 

@@ -55,7 +55,8 @@ NOISE_NOTE = ("noise: generations a busy machine disturbed (over noise.max_ratio
               "over noise.max_cpu_wait of their time), run again, and those still off after the re-runs, which stay in the medians.")
 RATIOS = (schema.WEIGHTS_GB, PEAK_GB, schema.DECODE_MS_PER_TOKEN)
 # Config keys that identify a configuration when a sweep varies them (each backend's own settings after the mode's).
-KEYS = ("model.name", MODE, BACKEND, "generation.fast", "batch_size", "setting", "bits", "prompts.name", "max_length", "max_new_tokens",
+KEYS = ("model.name", MODE, BACKEND, "generation.fast", "generation.compile", "batch_size", "setting", "bits", "prompts.name", "max_length",
+        "max_new_tokens",
         *(f"quantization.{b.name}.{f.name}" for b in backends.REGISTRY.values() for f in dataclasses.fields(b.settings)),
         "dtype", "force_length", "quality.corpus", "quality.corpus_context", "quality.corpus_stride", "quality.corpus_tokens",
         "quality.kl_tokens", "quality.tasks", "quality.limit")
