@@ -5,6 +5,7 @@
 #   STORE=/some/dir bash experiments/gpu/batch.sh 7b | 40b [OVERRIDE...]
 # COMPILE=true compiles each step before capture (minutes per model and batch); the default
 # captures the plain step (seconds), so a whole grid fits one machine start.
+# BACKENDS="torchao" (any of bitsandbytes torchao hqq; default all) runs those modes alone.
 # Modes: bf16, nf4, LLM.int8 at threshold 0 (6 syncs with the host: no graph), torchao int4
 # (group 64) and float8 with dynamic activations, and on 7B HQQ 4-bit (tinygemm, as torchao's int4).
 set -uo pipefail
@@ -22,7 +23,8 @@ sweep() {  # batch_size last: the sweep varies it fastest, so each mode's model 
     quality.enabled=false max_length=null max_new_tokens=$tokens repetitions=$repetitions warmup=1 \
     generation.fast=true generation.compile=${COMPILE:-false} "$@" batch_size=${BATCHES:-1,4,16,64}
 }
-sweep "$@" bits=16,4,8 quantization.bitsandbytes.int8_threshold=0
-sweep "$@" quantization.backend=torchao bits=4,8 quantization.torchao.eight_bit=float8_dynamic
-[ "$size" = 7b ] && sweep "$@" quantization.backend=hqq bits=4
+chosen=" ${BACKENDS:-bitsandbytes torchao hqq} "
+[[ $chosen == *" bitsandbytes "* ]] && sweep "$@" bits=16,4,8 quantization.bitsandbytes.int8_threshold=0
+[[ $chosen == *" torchao "* ]] && sweep "$@" quantization.backend=torchao bits=4,8 quantization.torchao.eight_bit=float8_dynamic
+[[ $chosen == *" hqq "* && $size == 7b ]] && sweep "$@" quantization.backend=hqq bits=4
 python -m falcon_exp.analysis --experiment falcon-batch-$size --sweep all --out "$store/analysis-$size"
