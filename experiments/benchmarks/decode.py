@@ -40,14 +40,15 @@ SECTIONS = ["overhead", "profiler", "floor", "matmuls", "kernels"]
 # quantized libraries' GEMV/GEMM kernels; attention; then inductor's fused kernels, whose names
 # list the ops they fuse (triton_poi_fused_add_mul_..., triton_red_fused_native_layer_norm_...).
 KERNEL_CLASSES = (
-    ("matmul", r"gemm|gemv|cutlass|xmma|cublas|tinygemm|_mm_|matmul|kgemm|kdequant|int4|int8|fp8|splitk"),
+    ("matmul", r"gemm|gemv|nvjet|cutlass|xmma|cublas|tinygemm|_mm_|matmul|kgemm|kdequant|int4|int8|fp8|splitk"),
     ("attention", r"fmha|flash|attention|sdpa|softmax|_bmm"),
     ("norm", r"layer_norm|rms"),
     ("rotary", r"cos|sin|neg"),
     ("cache write", r"index_copy|index_put|scatter"),
     ("activation", r"gelu"),
     ("argmax, logits", r"argmax|max_|arg_"),
-    ("copy, fill", r"copy|fill|cat|clone|elementwise"),
+    ("copy, fill", r"copy|memcpy|fill|cat|clone"),
+    ("elementwise", r"elementwise|triton_poi"),
 )
 
 

@@ -227,12 +227,20 @@ RESULT_COLUMNS = {
     schema.GENERATE_S: "generate_s",
     schema.total(schema.NEW_TOKENS): "new_tokens_total",
     schema.LOAD_S: "load_s",
+    schema.itl_percentile(50): "itl_p50_ms",
+    schema.itl_percentile(99): "itl_p99_ms",
+    schema.JOULES_PER_TOKEN: "joules_per_token",
+    schema.MEAN_POWER_W: "mean_power_w",
     "generation.fast": "fast",
+    "generation.compile": "compile",
+    schema.TAG_DECODE_PATH: "decode_path",
+    schema.FLOOR_MS_PER_TOKEN: "floor_ms_per_token",
     schema.ROOFLINE_FRACTION: schema.ROOFLINE_FRACTION,  # a plain name already
     schema.KL_MEAN: "kl_mean",
     schema.TOP1_AGREEMENT: "top1_agreement",
     schema.perplexity("en"): "perplexity_en",
     schema.perplexity("zh"): "perplexity_zh",
+    schema.TAG_GIT_COMMIT: "commit",
     "run_id": "run_id",
 }
 
