@@ -274,7 +274,7 @@ def start_mlflow_server(root: Path, port: int | None = None, backend: str | None
             return process, uri
         except OSError:
             assert process.poll() is None, (root / "server.log").read_text()[-2000:]
-            time.sleep(1)
+            time.sleep(0.2)
     process.kill()
     raise AssertionError("mlflow server did not answer within 120 s")
 

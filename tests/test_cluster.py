@@ -29,19 +29,20 @@ def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(
     store, _ = pg_server
     launcher = [*ON_THE_CLUSTER, "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path}/submitit"]
     job = [a for a in QUICK if not a.startswith(("max_new_tokens", "repetitions", "warmup"))]
-    command = [sys.executable, "-m", "falcon_exp", "-m", *launcher, "bits=4,8", *job, "max_new_tokens=32", "repetitions=20", "warmup=0",
+    command = [sys.executable, "-m", "falcon_exp", "-m", *launcher, "bits=4,8", *job, "max_new_tokens=24", "repetitions=10", "warmup=0",
                f"prompts.file={two_prompts}", "tracking.experiment=slurm"]
     env = os.environ | slurm | {"MLFLOW_TRACKING_URI": store}
     sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        deadline, target = time.monotonic() + 180, None
-        while target is None and time.monotonic() < deadline:  # the int8 job has started generating
-            time.sleep(1)
-            if any(tmp_path.rglob(SWEEP_FILE)):  # written after the store and the parent run exist
+        deadline, target, under_way = time.monotonic() + 180, None, False
+        while not under_way and time.monotonic() < deadline:  # the int8 job's second timed generation has ended
+            time.sleep(0.2)
+            if target is None and any(tmp_path.rglob(SWEEP_FILE)):  # written after the store and the parent run exist
                 running = [r for r in runs_of(store, "slurm")[0] if r.data.params.get("bits") == "8" and r.info.status == "RUNNING"]
                 target = running[0].data.tags["slurm.job_id"] if running else None
-        assert target, "the int8 job never started on the cluster"
-        time.sleep(2)
+            log = tmp_path / "submitit" / f"{target}_0_log.err"
+            under_way = target is not None and log.exists() and "prompt 1/2 rep 2/10" in log.read_text()
+        assert under_way, "the int8 job never got under way on the cluster"
         subprocess.run(["scancel", target], check=True, env=env)
         _, err = sweep.communicate(timeout=300)
     finally:

@@ -166,10 +166,11 @@ def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_
     """Three processes start together on an empty cache: one measures (the others would slow its
     measurement and theirs), the others wait and read its figures."""
     code = (
-        "import logging, pathlib, sys, time\n"
+        "import logging, os, pathlib, sys, time\n"
         "from falcon_exp import roofline\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "go = pathlib.Path(sys.argv[1])\n"
+        "(go.parent / f'ready-{os.getpid()}').touch()\n"
         "while not go.exists(): time.sleep(0.01)\n"
         "print(roofline.bandwidth('cpu'))\n"
     )
@@ -177,7 +178,9 @@ def test_parallel_jobs_measure_the_bandwidth_once_and_never_read_a_half_written_
     env = os.environ | {"FALCON_EXP_CACHE": str(tmp_path / "cache")}
     processes = [subprocess.Popen([sys.executable, "-c", code, str(go)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(3)]
-    time.sleep(8)  # every process has imported torch and waits at the start line
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:  # each has imported torch, and waits
+        time.sleep(0.05)
     go.touch()
     results = [p.communicate(timeout=120) for p in processes]
     assert all(p.returncode == 0 for p in processes), [err[-500:] for _, err in results]

@@ -1,5 +1,5 @@
 """A real `mlflow server` on a real PostgreSQL store with a shared artifact folder, as a lab runs
-it: two sweeps write to it at once (one of them a joblib sweep of three workers) and lose no run,
+it: two sweeps write to it at once (one of them a joblib sweep of two workers) and lose no run,
 metric or artifact, nor a parent/child link, and print no secret of its address; the analysis
 reads them back; the MLflow UI, opened in headless Chromium, shows the runs and their `bits`."""
 
@@ -21,8 +21,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1500,900", "--virtual-time-budget=20000"]
 EXPERIMENT = "concurrent"
-SWEEPS = {  # two sweeps started together: the first through joblib with three workers
-    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "bits=4,8,16"],
+SWEEPS = {  # two sweeps started together: the first through joblib with two workers for its three jobs
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "bits=4,8,16"],
     "basic": ["bits=4"],
 }
 # The server takes any credentials: each sweep reaches it with a secret in the address (a password;
