@@ -309,3 +309,25 @@ def test_a_setting_that_applies_changes_the_identity():
     assert resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq").identity != job.identity
     hqq = resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq", "quantization.hqq.group_size=32")
     assert hqq.identity != resolve_job("model=tiny-falcon", "bits=4", "quantization.backend=hqq").identity
+
+
+def test_the_first_load_freezes_what_was_alive_and_later_models_are_still_freed():
+    """The model cache moves what lives before its first model (the imported stack) out of the
+    collector's sight, once; a model loaded after that is freed when the cache lets it go."""
+    import gc
+    import weakref
+
+    from falcon_exp.models import ModelCache
+
+    cache, before = ModelCache(), gc.get_freeze_count()
+    try:
+        loaded, reused = cache.get(resolve_job("model=tiny-falcon", "bits=16", "device=cpu"))
+        frozen = gc.get_freeze_count()
+        assert not reused and frozen > before
+        model = weakref.ref(loaded.model)
+        del loaded
+        cache.get(resolve_job("model=tiny-falcon", "bits=4", "device=cpu"))  # lets the first go: freed, nothing frozen anew
+        assert model() is None and gc.get_freeze_count() <= frozen  # frozen objects still go when nothing refers to them
+    finally:
+        cache.clear()
+        gc.unfreeze()  # this process's objects go back to the collector
