@@ -119,6 +119,15 @@ def with_settings_under_backends(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def with_compile(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs before 0.3's generation.compile compiled the fast path's step (then its one way) and
+    logged no key: "True", as today's runs log it, so the key does not tell old runs from new. Removed in 1.0."""
+    import pandas as pd
+
+    logged = runs.get("generation.compile", pd.Series(None, index=runs.index, dtype=object))
+    return runs.assign(**{"generation.compile": logged.fillna("True")})
+
+
 def with_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs before 0.3 decoded one sequence at a time and logged no batch_size: 1. Removed in 1.0."""
     import pandas as pd

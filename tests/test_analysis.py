@@ -276,6 +276,7 @@ def test_runs_of_0_2_read_their_flat_settings_under_their_backend(tmp_path):
     assert pd.isna(runs.loc["torchao", "quantization.bitsandbytes.quant_type"])
     assert runs.loc["torchao", "quantization.torchao.eight_bit"] == "int8" and runs.loc["torchao", "quantization.torchao.group_size"] == 64
     assert pd.isna(runs.loc["bitsandbytes", "quantization.torchao.group_size"])
+    assert list(runs["generation.compile"]) == ["True", "True"]  # the fast path compiled then: as today's default logs it
 
 
 def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path, monkeypatch, capsys):

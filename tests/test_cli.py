@@ -22,7 +22,8 @@ def test_bad_input_is_one_line_exit_2_and_no_store(tmp_path):
         ("nosuchkey=1",): "Could not override 'nosuchkey'. To append to your config use +nosuchkey=1 (Key 'nosuchkey' is not in struct)",
         ("bits=[",): "no viable alternative at input '['",
     }  # the other checks' messages: tests/test_config.py, in-process
-    fresh = {("bits=3",), ("model=tiny-falcon", "max_length=100000"), ("bits=[",)}  # a new interpreter: nothing imported says a word first
+    fresh = {("bits=3",), ("-m", "model=tiny-falcon", "bits=4,5"), ("model=tiny-falcon", "max_length=100000"), ("bits=[",)}
+    # ^ in a new interpreter, one per path (a run, a sweep, a resolved job, Hydra's parser): nothing imported says a word first
     for args, message in cases.items():
         done = run_cli(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}, fresh=args in fresh)
         assert done.returncode == 2, (args, done.stderr[-2000:])

@@ -6,8 +6,9 @@
 # COMPILE=true compiles each step before capture (minutes per model and batch); the default
 # captures the plain step (seconds), so a whole grid fits one machine start.
 # BACKENDS="torchao" (any of bitsandbytes torchao hqq; default all) runs those modes alone.
-# Modes: bf16, nf4, LLM.int8 at threshold 0 (6 syncs with the host: no graph), torchao int4
-# (group 64) and float8 with dynamic activations, and on 7B HQQ 4-bit (tinygemm, as torchao's int4).
+# Modes: bf16, nf4, LLM.int8 at threshold 0 (at its default 6 it syncs with the host: no graph),
+# torchao int4 (group 64) and float8 with dynamic activations, and on 7B HQQ 4-bit (tinygemm, as
+# torchao's int4).
 set -uo pipefail
 store=${STORE:-$PWD/mlruns}
 mkdir -p "$store"
@@ -24,6 +25,9 @@ sweep() {  # batch_size last: the sweep varies it fastest, so each mode's model 
     generation.fast=true generation.compile=${COMPILE:-false} "$@" batch_size=${BATCHES:-1,4,16,64}
 }
 chosen=" ${BACKENDS:-bitsandbytes torchao hqq} "
+for name in $chosen; do
+  case $name in bitsandbytes|torchao|hqq) ;; *) echo "batch.sh: BACKENDS=$name: choose from bitsandbytes torchao hqq (spaces between)" >&2; exit 2 ;; esac
+done
 [[ $chosen == *" bitsandbytes "* ]] && sweep "$@" bits=16,4,8 quantization.bitsandbytes.int8_threshold=0
 [[ $chosen == *" torchao "* ]] && sweep "$@" quantization.backend=torchao bits=4,8 quantization.torchao.eight_bit=float8_dynamic
 [[ $chosen == *" hqq "* && $size == 7b ]] && sweep "$@" quantization.backend=hqq bits=4
