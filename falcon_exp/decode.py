@@ -5,10 +5,9 @@ fast (`generation.fast=true`): a static KV cache (fixed addresses, no reallocati
 grows) and the one-token forward compiled (torch.compile fuses its small elementwise kernels)
 and captured once as a CUDA graph replayed per token, so a decode step costs the GPU's kernels,
 not Python's launches of them. Where compilation fails (or `generation.compile=false` skips its
-minutes) it captures the uncompiled step; where a
-graph cannot be captured (no CUDA device, a model over several GPUs, layers a graph cannot hold,
-as LLM.int8's host-side outlier search, or a capture error) it decodes with the static cache
-alone. `fallback` says why.
+minutes) it captures the uncompiled step; where a graph cannot be captured (no CUDA device, a
+model over several GPUs, layers a graph cannot hold, as LLM.int8's host-side outlier search, or a
+capture error) it decodes with the static cache alone. `fallback` says why a path was not taken.
 Both pick the same tokens as `generate(do_sample=False)`, end-of-sequence suppressed when the
 length is forced (as `min_new_tokens` does).
 """
@@ -37,7 +36,7 @@ class Decoder(Protocol):
     """What the runner and the quality reference ask of a decoder."""
 
     path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache
-    fallback: str | None  # why the fast path runs without compilation or without a graph
+    fallback: str | None  # why the fast path runs without the compilation asked for, or without a graph
     prepare_s: float | None  # seconds spent building it (the fast path's compile and capture); None for eager
     kv_bytes_per_token: float  # KV-cache bytes stored per token of context
 

@@ -90,7 +90,7 @@ class JobResult:
     quality: dict[str, float]  # empty when quality is off or cannot be measured
     decode_path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache (falcon_exp/decode.py)
     prepare_s: float | None  # building the fast decoder (compile, capture); None for eager
-    fast_fallback: str | None  # why the fast path runs without compilation or without CUDA graphs
+    fast_fallback: str | None  # why the fast path runs without the compilation asked for, or without CUDA graphs
     bandwidth: Bandwidth
     weight_bytes_per_step: int
     kv_bytes_per_token: float

@@ -308,7 +308,7 @@ PARAM_MODE = "mode"
 PARAM_SCHEME = "scheme"
 
 CONDITIONAL |= {
-    TAG_FAST_FALLBACK: "when generation.fast runs without compilation or without a CUDA graph",
+    TAG_FAST_FALLBACK: "when generation.fast runs without the compilation it was asked for, or without a CUDA graph",
     TAG_UNMEASURED: "when a figure could not be measured (it then has no value)",
     TAG_ROOFLINE_WARNING: "when a sample decodes faster than the floor allows",
     TAG_TEXT: "for synthetic weights",
