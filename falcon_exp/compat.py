@@ -119,18 +119,15 @@ def with_settings_under_backends(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def with_compile(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs before 0.3's generation.compile compiled the fast path's step (then its one way) and
-    logged no key: "True", as today's runs log it, so the key does not tell old runs from new. Removed in 1.0."""
-    import pandas as pd
-
-    logged = runs.get("generation.compile", pd.Series(None, index=runs.index, dtype=object))
-    return runs.assign(**{"generation.compile": logged.fillna("True")})
+# What a run before 0.3 did, said by the key 0.3 added for it: one sequence at a time, the fast
+# path's step compiled, no corpus and no tasks (their window and limits then mean nothing, as on
+# a run today that has none). The noise keys are not among them: no run before 0.3 checked noise.
+AS_BEFORE_03 = tuple(key for key in ADDED_IN_03 if not key.startswith("noise."))
 
 
-def with_batch_size(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs before 0.3 decoded one sequence at a time and logged no batch_size: 1. Removed in 1.0."""
-    import pandas as pd
-
-    logged = runs.get("batch_size", pd.Series(None, index=runs.index, dtype=object))
-    return runs.assign(batch_size=logged.fillna(1).astype(int))
+def with_keys_added_in_03(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs before 0.3 with AS_BEFORE_03's keys as a run at the packaged defaults logs them
+    ("True", "None", "[]"), so that no such key tells old runs from new; batch_size as a number. Removed in 1.0."""
+    defaults = packaged_defaults()
+    filled = {key: runs[key].fillna(str(defaults[key])) if key in runs else str(defaults[key]) for key in AS_BEFORE_03}
+    return runs.assign(**filled).astype({"batch_size": int})

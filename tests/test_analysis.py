@@ -277,6 +277,8 @@ def test_runs_of_0_2_read_their_flat_settings_under_their_backend(tmp_path):
     assert runs.loc["torchao", "quantization.torchao.eight_bit"] == "int8" and runs.loc["torchao", "quantization.torchao.group_size"] == 64
     assert pd.isna(runs.loc["bitsandbytes", "quantization.torchao.group_size"])
     assert list(runs["generation.compile"]) == ["True", "True"]  # the fast path compiled then: as today's default logs it
+    assert list(runs["quality.corpus"]) == ["None", "None"] and list(runs["batch_size"]) == [1, 1]
+    assert "noise.reruns" not in runs  # no run before 0.3 checked noise: nothing is said for them
 
 
 def test_a_sweep_over_backends_compares_them_by_mode_scheme_and_backend(tmp_path, monkeypatch, capsys):

@@ -127,7 +127,7 @@ def _as_logged_today(runs: pd.DataFrame) -> pd.DataFrame:
     unquantized baseline (scheme none) has no backend, whatever `quantization.backend` its config held."""
     if runs.empty:
         return runs
-    runs = compat.with_compile(compat.with_batch_size(compat.with_settings_under_backends(compat.with_backend_and_scheme(runs, BACKEND, SCHEME))))
+    runs = compat.with_keys_added_in_03(compat.with_settings_under_backends(compat.with_backend_and_scheme(runs, BACKEND, SCHEME)))
     return runs.assign(**{BACKEND: runs[BACKEND].where(runs[SCHEME] != "none", "none")})
 
 
