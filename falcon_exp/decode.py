@@ -14,21 +14,20 @@ length is forced (as `min_new_tokens` does).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.falcon.modeling_falcon import FalconAttention
 
 from falcon_exp.cache import cache_dir, content_hash
 from falcon_exp.config import JobConfig
+from falcon_exp.falcon_step import falcon_for_decoding, share_reads
 from falcon_exp.roofline import kv_bytes_per_token
 
 
@@ -60,35 +59,6 @@ class _Streamer(BaseStreamer):
 
     def end(self) -> None:
         pass
-
-
-def _split_heads_by_slices(self: FalconAttention, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """FalconAttention._split_heads with slices where it indexes with Python lists (`[-2]`): a
-    list index is a tensor built on the host at every call, a copy a CUDA graph cannot capture.
-    Same values (the list form copies, the slice form views)."""
-    batch, length, _ = fused_qkv.shape
-    if self.new_decoder_architecture:
-        qkv = fused_qkv.view(batch, length, -1, self.num_heads // self.num_kv_heads + 2, self.head_dim)
-        query, key, value = qkv[:, :, :, :-2], qkv[:, :, :, -2:-1], qkv[:, :, :, -1:]
-        key, value = torch.broadcast_to(key, query.shape), torch.broadcast_to(value, query.shape)
-        return tuple(x.flatten(2, 3) for x in (query, key, value))
-    if self.multi_query:
-        fused_qkv = fused_qkv.view(batch, length, self.num_heads + 2, self.head_dim)
-        return fused_qkv[..., :-2, :], fused_qkv[..., -2:-1, :], fused_qkv[..., -1:, :]
-    return _LIST_INDEXED_SPLIT(self, fused_qkv)
-
-
-_LIST_INDEXED_SPLIT = FalconAttention._split_heads
-
-
-@contextlib.contextmanager
-def graph_safe_falcon() -> Iterator[None]:
-    """While a decode step is captured, Falcon splits its heads with slices."""
-    FalconAttention._split_heads = _split_heads_by_slices
-    try:
-        yield
-    finally:
-        FalconAttention._split_heads = _LIST_INDEXED_SPLIT
 
 
 def _eos_ids(model: PreTrainedModel) -> list[int]:
@@ -149,6 +119,7 @@ class FastDecoder:
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
         self.graph, self.path = None, "static_cache"
         started = time.perf_counter()
+        share_reads(model)
         self.fallback = self._why_no_graph(config, device) or self._capture()
         self.prepare_s = time.perf_counter() - started  # compiling and capturing the step, where they run
 
@@ -220,15 +191,16 @@ class FastDecoder:
         torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
         use_compile_cache()
         reasons = []
-        for path, what, step in self._attempts():
-            try:
-                self.graph, self.path = cuda_graph_of(step), path
-                return "; ".join(reasons) or None
-            except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
-                torch.cuda.synchronize()
-                reasons.append(f"{what} failed: {str(error).strip().splitlines()[0][:200]}")
-            finally:
-                self.cache.reset()
+        with falcon_for_decoding():
+            for path, what, step in self._attempts():
+                try:
+                    self.graph, self.path = cuda_graph_of(step), path
+                    return "; ".join(reasons) or None
+                except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
+                    torch.cuda.synchronize()
+                    reasons.append(f"{what} failed: {str(error).strip().splitlines()[0][:200]}")
+                finally:
+                    self.cache.reset()
         return "; ".join(reasons)
 
     def _attempts(self) -> list[tuple[str, str, Callable[[], None]]]:
@@ -249,7 +221,7 @@ class FastDecoder:
                  attention_mask: torch.Tensor | None = None) -> list[list[int]]:
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
         generated: list[list[int]] = []
-        with torch.no_grad():
+        with torch.no_grad(), falcon_for_decoding():
             self.cache.reset()
             self._prefill(input_ids, attention_mask)
             while True:
@@ -284,7 +256,7 @@ def use_compile_cache() -> Path:
 def cuda_graph_of(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
     """`step` captured as a CUDA graph: warmed up on a side stream first (compilation, cuBLAS and
     the cache allocate there)."""
-    with torch.no_grad(), graph_safe_falcon():
+    with torch.no_grad():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

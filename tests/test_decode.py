@@ -14,8 +14,9 @@ import torch
 
 from conftest import compose, resolve_job
 from falcon_exp import roofline
-from falcon_exp.decode import EagerDecoder, FastDecoder, graph_safe_falcon
+from falcon_exp.decode import EagerDecoder, FastDecoder
 from falcon_exp.errors import ConfigError
+from falcon_exp.falcon_step import SHARED, falcon_for_decoding, share_reads
 from falcon_exp.measure import timed_generate
 from falcon_exp.models import load
 from falcon_exp.records import Bandwidth
@@ -61,9 +62,84 @@ def test_the_compiled_decode_step_picks_the_same_tokens(tiny):
     counters.clear()
     fast._step = torch.compile(fast._step, dynamic=False)
     ids = torch.tensor([PROMPTS[2]])
-    with graph_safe_falcon():
+    with falcon_for_decoding():
         assert fast.generate(ids, 12, True, lambda: None) == EagerDecoder(model, 2).generate(ids, 12, True, lambda: None)
     assert counters["stats"]["unique_graphs"] >= 1
+
+
+def multi_query_falcon(bias: bool):
+    """Falcon-7B's layout in miniature: 3 query heads against one cached key-value head, attention
+    and MLP in parallel on one layer norm."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from falcon_exp.quantization import quantizable_linears
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, multi_query=True,
+                          new_decoder_architecture=False, parallel_attn=True, bias=bias, alibi=False, eos_token_id=2)
+    with quantizable_linears():  # as the harness builds it
+        return FalconForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_lean_falcon_step_gives_transformers_values_and_tokens(bias):
+    """The fast path's one-token step of a multi-query Falcon (its weights joined where unbiased,
+    its attention alone where not) gives transformers' logits, and the decoder its tokens, in a
+    left-padded batch. Calls that reach transformers' attention are counted: prompts alone must."""
+    from falcon_exp import falcon_step
+
+    model = multi_query_falcon(bias)
+    eager = EagerDecoder(model, pad_token_id=2)
+    fast = FastDecoder(model, max_tokens=8 + 16, config=tiny_job(), device="cpu", batch=2)
+    assert [SHARED in layer.__dict__ for layer in model.transformer.h] == [not bias] * 2
+    one_token_calls = []
+    transformers_attention = falcon_step._TRANSFORMERS_ATTENTION
+
+    def counted(self, hidden_states, *args, **kwargs):
+        one_token_calls.append(hidden_states.shape[1])
+        return transformers_attention(self, hidden_states, *args, **kwargs)
+
+    padded = torch.tensor([[2, 2, 2, 5, 6, 7, 8, 9], PROMPTS[2]])
+    mask = (torch.arange(8) >= torch.tensor([[3], [0]])).long()
+
+    def next_logits() -> torch.Tensor:
+        with torch.no_grad():
+            fast.cache.reset()
+            fast._prefill(padded, mask)
+            return fast._forward(fast.token, attention_mask=fast.mask, position_ids=fast.position, cache_position=fast.slot)
+
+    falcon_step._TRANSFORMERS_ATTENTION = counted
+    try:
+        with falcon_for_decoding():
+            ours = next_logits()
+        theirs = next_logits()
+        batch = fast.generate(padded, 16, True, lambda: None, attention_mask=mask)
+    finally:
+        falcon_step._TRANSFORMERS_ATTENTION = transformers_attention
+    assert set(one_token_calls) == {8}  # the prompts alone went to transformers' attention
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert batch == [eager.generate(torch.tensor([PROMPTS[0]]), 16, True, lambda: None)[0],
+                     eager.generate(torch.tensor([PROMPTS[2]]), 16, True, lambda: None)[0]]
+
+
+def test_joined_weights_add_no_memory_and_are_joined_once():
+    from falcon_exp.quantization import weights_bytes
+
+    model = multi_query_falcon(bias=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    held = weights_bytes(model)
+    assert share_reads(model) == 2 and share_reads(model) == 0
+    assert weights_bytes(model) == held
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    layer = model.transformer.h[0]
+    into, out_of = layer.__dict__[SHARED]
+    attention, mlp = layer.self_attention, layer.mlp
+    assert attention.query_key_value.weight.data_ptr() == into.data_ptr()
+    assert mlp.dense_h_to_4h.weight.untyped_storage().data_ptr() == into.untyped_storage().data_ptr()
+    assert attention.dense.weight.data_ptr() == out_of.data_ptr()
+    assert mlp.dense_4h_to_h.weight.untyped_storage().data_ptr() == out_of.untyped_storage().data_ptr()
+    assert out_of.shape == (48, 48 + 4 * 48) and into.shape == (48 + 2 * 16 + 4 * 48, 48)
 
 
 def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):

@@ -15,11 +15,17 @@ microseconds per step in each class, and the time no kernel ran (the gaps betwee
     python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
         [--weights packaged|synthetic] [--tokens 64] [--rounds 10] [--set dtype=float32 ...]
         [--show overhead profiler floor matmuls kernels] [--decoders eager fast]
+        [--attention lean|sdpa|transformers] [--inductor coordinate_descent_tuning=True ...]
+
+`--attention transformers` runs transformers' own Falcon layers in the fast step (what it ran
+before falcon_exp/falcon_step.py), `sdpa` the lean step with torch's fused attention kernel in
+place of the written-out one; `--inductor` sets inductor's options for the compiled step.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import re
 import statistics
@@ -28,7 +34,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from falcon_exp import quantization, roofline
+from falcon_exp import decode, falcon_step, quantization, roofline
 from falcon_exp.config import CONF_DIR
 from falcon_exp.decode import EagerDecoder, FastDecoder, cuda_graph_of
 from falcon_exp.job import resolve
@@ -147,9 +153,11 @@ def kernels_by_class(decoder, ids, tokens: int, ms_per_token: float | None) -> N
     span_us = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / steps
     classes: dict[str, list[float]] = collections.defaultdict(list)
     names: collections.Counter = collections.Counter()
+    launches: collections.Counter = collections.Counter()
     for e in kernels:
         classes[kernel_class(e.name)].append(e.time_range.elapsed_us())
         names[e.name] += e.time_range.elapsed_us()
+        launches[e.name] += 1
     busy = sum(sum(times) for times in classes.values()) / steps
     print(f"  {len(kernels) / steps:.0f} kernels per step, {span_us:.1f} us per step first start to last end"
           + (f" (timed: {ms_per_token * 1e3:.1f} us)" if ms_per_token else "") + f", {busy:.1f} us in kernels")
@@ -158,7 +166,7 @@ def kernels_by_class(decoder, ids, tokens: int, ms_per_token: float | None) -> N
         print(f"  {what:<16}{len(times) / steps:>13.1f}{sum(times) / steps:>10.1f}{sum(times) / steps / span_us:>8.1%}")
     print(f"  {'gaps':<16}{'':>13}{span_us - busy:>10.1f}{(span_us - busy) / span_us:>8.1%}")
     for name, us in names.most_common(12):
-        print(f"    {us / steps:8.1f} us/step  {kernel_class(name):<14} {name[:110]}")
+        print(f"    {us / steps:8.1f} us/step  {launches[name] / steps:5.0f}x  {kernel_class(name):<14} {name[:100]}")
 
 
 def matmuls_alone(model, device: str, config) -> tuple[float, int]:
@@ -211,7 +219,18 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, e.g. dtype=float32")
     parser.add_argument("--show", nargs="+", default=["overhead", "profiler", "floor"], choices=SECTIONS)
     parser.add_argument("--decoders", nargs="+", default=["eager", "fast"], choices=["eager", "fast"])
+    parser.add_argument("--attention", default="lean", choices=["lean", "sdpa", "transformers"])
+    parser.add_argument("--inductor", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=True")
     args = parser.parse_args()
+    if args.attention == "transformers":
+        decode.share_reads = lambda model: 0
+        falcon_step._one_token_attention = falcon_step._TRANSFORMERS_ATTENTION
+        falcon_step._one_token_layer = falcon_step._TRANSFORMERS_LAYER
+    elif args.attention == "sdpa":
+        falcon_step._rows_attention = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for option in args.inductor:
+        key, value = option.split("=", 1)
+        setattr(torch._inductor.config, key, ast.literal_eval(value))
     rest_ms = None  # a fast step's time outside its matmuls: the first run that measures both sets it
     for run in args.runs or [f"bits={bits}" for bits in args.bits]:
         overrides = [f"model={args.model}", "max_length=null", f"max_new_tokens={args.tokens}", "quality.enabled=false",
