@@ -3,9 +3,8 @@
 transformers' Falcon is written for every shape; one new token over a static cache needs less:
 - heads split with slices, not Python lists (a list index is a host tensor a CUDA graph cannot capture);
 - Falcon-7B's 71 query heads against its one key-value head attended as 71 query rows of one
-  head, written out for inductor to fuse, where transformers' broadcast (a shape no fused
-  attention kernel takes) runs torch's math attention (two float32 cuBLAS products, a softmax
-  and copies per layer, none fused with its neighbours);
+  head: one fused attention kernel, where transformers' broadcast (a shape no fused kernel
+  takes) runs torch's math attention (two float32 cuBLAS products, a softmax and copies);
 - where attention and MLP read the same normed input (Falcon-7B's parallel layout), their four
   weight matrices read as two: [query_key_value; dense_h_to_4h] on the input, [dense |
   dense_4h_to_h] on the joined outputs. Fewer, larger GEMVs stream closer to the memory's
@@ -59,19 +58,10 @@ def _attend(attention: FalconAttention, fused_qkv: torch.Tensor, attention_mask:
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
         key, value = layer_past.update(key, value, attention.layer_idx)
-    attended = _rows_attention(query.transpose(1, 2), key, value, attention_mask)
+    # the query rows against the one head: torch's fused attention (cuDNN's, on the H200), in
+    # float32 where it reduces, its probabilities rounded to the values' dtype before they weigh them
+    attended = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=attention_mask)
     return attended.reshape(batch, 1, attention.num_heads * attention.head_dim)
-
-
-def _rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention of query rows over one head's keys, written out so that inductor fuses
-    it with the rotary and cache-write kernels around it (an SDPA kernel stands alone, with its
-    own copies of the inputs before it): scores and softmax in float32, the probabilities
-    rounded to the values' dtype before they weigh them, as flash attention does."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 
 def _one_token_attention(self: FalconAttention, hidden_states: torch.Tensor, alibi: torch.Tensor | None,

@@ -15,11 +15,10 @@ microseconds per step in each class, and the time no kernel ran (the gaps betwee
     python experiments/benchmarks/decode.py [--model smollm2-135m-instruct] [--bits 16 4]
         [--weights packaged|synthetic] [--tokens 64] [--rounds 10] [--set dtype=float32 ...]
         [--show overhead profiler floor matmuls kernels] [--decoders eager fast]
-        [--attention lean|sdpa|transformers] [--inductor coordinate_descent_tuning=True ...]
+        [--attention lean|transformers] [--inductor coordinate_descent_tuning=True ...]
 
 `--attention transformers` runs transformers' own Falcon layers in the fast step (what it ran
-before falcon_exp/falcon_step.py), `sdpa` the lean step with torch's fused attention kernel in
-place of the written-out one; `--inductor` sets inductor's options for the compiled step.
+before falcon_exp/falcon_step.py); `--inductor` sets inductor's options for the compiled step.
 """
 
 from __future__ import annotations
@@ -219,15 +218,13 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, e.g. dtype=float32")
     parser.add_argument("--show", nargs="+", default=["overhead", "profiler", "floor"], choices=SECTIONS)
     parser.add_argument("--decoders", nargs="+", default=["eager", "fast"], choices=["eager", "fast"])
-    parser.add_argument("--attention", default="lean", choices=["lean", "sdpa", "transformers"])
+    parser.add_argument("--attention", default="lean", choices=["lean", "transformers"])
     parser.add_argument("--inductor", nargs="*", default=[], help="inductor options, e.g. coordinate_descent_tuning=True")
     args = parser.parse_args()
     if args.attention == "transformers":
         decode.share_reads = lambda model: 0
         falcon_step._one_token_attention = falcon_step._TRANSFORMERS_ATTENTION
         falcon_step._one_token_layer = falcon_step._TRANSFORMERS_LAYER
-    elif args.attention == "sdpa":
-        falcon_step._rows_attention = lambda q, k, v, mask: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     for option in args.inductor:
         key, value = option.split("=", 1)
         setattr(torch._inductor.config, key, ast.literal_eval(value))
