@@ -118,12 +118,16 @@ def share_reads(model: PreTrainedModel) -> int:
 
 
 def _joinable(layer: FalconDecoderLayer) -> bool:
-    """The layout share_reads joins; FalconLinear or nn.Linear (what the harness builds it as)."""
+    """The layout share_reads joins: FalconLinear or nn.Linear (what the harness builds it as),
+    on one device, not placed by accelerate's hooks (offloaded weights are loaded into the
+    layers at each call, not into joined copies)."""
     config, attention, mlp = layer.config, layer.self_attention, layer.mlp
     linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+    placed_by_hooks = any(hasattr(m, "_hf_hook") for m in layer.modules())
     return (config.parallel_attn and not config.new_decoder_architecture and attention.multi_query and not config.alibi
+            and not placed_by_hooks
             and all(type(m) in (torch.nn.Linear, FalconLinear) and m.bias is None and type(m.weight.data) is torch.Tensor for m in linears)
-            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1)
+            and len({(m.weight.dtype, m.weight.device) for m in linears}) == 1 and linears[0].weight.device.type != "meta")
 
 
 _LIST_INDEXED_SPLIT = FalconAttention._split_heads

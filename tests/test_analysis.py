@@ -198,12 +198,18 @@ def test_a_stopped_analysis_leaves_no_half_written_file(tmp_path, sweep_store, m
 
     before = {each: signal.getsignal(each) for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
     signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    import time
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep_store)
+    started = time.perf_counter()
+    assert analysis_main(["--out", str(tmp_path / "whole")]) == 0
+    whole_s = time.perf_counter() - started  # the moments are fractions of it, so they fall inside on any machine
+    capsys.readouterr()
     stopped = 0
     try:
-        for delay in (0.3, 0.8, 1.5, 2.5):
-            out = tmp_path / f"stopped-{delay}"
-            signal.setitimer(signal.ITIMER_REAL, delay)
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep_store)
+        for share in (0.15, 0.4, 0.65, 0.9):
+            out = tmp_path / f"stopped-{share}"
+            signal.setitimer(signal.ITIMER_REAL, share * whole_s)
             code = analysis_main(["--out", str(out)])
             signal.setitimer(signal.ITIMER_REAL, 0)
             said = capsys.readouterr().err

@@ -123,9 +123,14 @@ def test_the_lean_falcon_step_gives_transformers_values_and_tokens(bias):
 
 
 def test_joined_weights_add_no_memory_and_are_joined_once():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
     from falcon_exp.quantization import weights_bytes
 
     model = multi_query_falcon(bias=False)
+    placed = multi_query_falcon(bias=False)
+    add_hook_to_module(placed.transformer.h[1].mlp.dense_4h_to_h, ModelHook())  # as accelerate places offloaded layers
+    assert share_reads(placed) == 1 and SHARED not in placed.transformer.h[1].__dict__
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     held = weights_bytes(model)
     assert share_reads(model) == 2 and share_reads(model) == 0
