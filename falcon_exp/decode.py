@@ -8,8 +8,10 @@ not Python's launches of them. Where compilation fails (or `generation.compile=f
 minutes) it captures the uncompiled step; where a graph cannot be captured (no CUDA device, a
 model over several GPUs, layers a graph cannot hold, as LLM.int8's host-side outlier search, or a
 capture error) it decodes with the static cache alone. `fallback` says why a path was not taken.
-Both pick the same tokens as `generate(do_sample=False)`, end-of-sequence suppressed when the
-length is forced (as `min_new_tokens` does).
+For Falcon-7B's layout the fast step is falcon_exp/falcon_step.py's lean one. Both pick greedy
+tokens, end-of-sequence suppressed when the length is forced (as `min_new_tokens` does): in
+float32 the same tokens as `generate(do_sample=False)` (tests); in bf16 the fast step's fused
+kernels round in another order, so a near-tie may go the other way.
 """
 
 from __future__ import annotations

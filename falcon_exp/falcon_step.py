@@ -41,9 +41,10 @@ def _split_heads_by_slices(self: FalconAttention, fused_qkv: torch.Tensor) -> tu
 
 
 def _lean(attention: FalconAttention, hidden_states: torch.Tensor, alibi: torch.Tensor | None, output_attentions: bool) -> bool:
-    """Whether this call is one new token of a multi-query Falcon with rotary positions and SDPA."""
+    """Whether this call is one new token of a multi-query Falcon with rotary positions and SDPA,
+    in inference (the lean step has no dropout)."""
     return (attention.multi_query and not attention.new_decoder_architecture and alibi is None and not output_attentions
-            and hidden_states.shape[1] == 1 and attention.config._attn_implementation == "sdpa")
+            and hidden_states.shape[1] == 1 and attention.config._attn_implementation == "sdpa" and not attention.training)
 
 
 def _attend(attention: FalconAttention, fused_qkv: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -97,24 +98,47 @@ def _one_token_layer(self: FalconDecoderLayer, hidden_states: torch.Tensor, alib
 def share_reads(model: PreTrainedModel) -> int:
     """Joins the four weight matrices of every Falcon layer whose attention and MLP read one
     normed input (parallel attention, one layer norm, multi-query, plain unbiased weights: the
-    16-bit Falcon-7B) into two, the layer's own weights becoming views of them; once per model.
-    Returns the number of layers joined."""
+    16-bit Falcon-7B) into two, the layer's own weights becoming views of them. The join stays
+    with the model (a later job on the cached model reads the same values through the views); a
+    layer whose weights were replaced since is joined again. Joining takes one layer's weights
+    more memory at a time; on a GPU without it, the layers left are not joined. Returns the
+    number of layers joined."""
     joined = 0
     for layer in model.modules():
-        if not isinstance(layer, FalconDecoderLayer) or SHARED in layer.__dict__ or not _joinable(layer):
+        if not isinstance(layer, FalconDecoderLayer):
+            continue
+        if SHARED in layer.__dict__ and not _still_joined(layer):
+            del layer.__dict__[SHARED]
+        if SHARED in layer.__dict__ or not _joinable(layer):
             continue
         attention, mlp = layer.self_attention, layer.mlp
         qkv, dense, up, down = attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
-        with torch.no_grad():
-            into = torch.cat([qkv.weight, up.weight])
-            out_of = torch.cat([dense.weight, down.weight], dim=1)
-            qkv.weight.data, up.weight.data = into[: qkv.out_features], into[qkv.out_features :]
-            dense.weight.data, down.weight.data = out_of[:, : dense.in_features], out_of[:, dense.in_features :]
+        try:
+            with torch.no_grad():
+                into = torch.cat([qkv.weight, up.weight])
+                out_of = torch.cat([dense.weight, down.weight], dim=1)
+        except torch.OutOfMemoryError:
+            break
+        qkv.weight.data, up.weight.data = into[: qkv.out_features], into[qkv.out_features :]
+        dense.weight.data, down.weight.data = out_of[:, : dense.in_features], out_of[:, dense.in_features :]
         layer.__dict__[SHARED] = (into, out_of)
         joined += 1
     if joined and torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the separate matrices' memory, freed, goes back: reserved memory stays what it was
+        # what the allocator can hand back; holes the freed matrices left in its segments stay
+        # reserved (by reasoning up to one layer's weights, 0.41 GB on Falcon-7B; not measured)
+        torch.cuda.empty_cache()
     return joined
+
+
+def _still_joined(layer: FalconDecoderLayer) -> bool:
+    """Whether the layer's weights are still the views `share_reads` made (a `.to()` or a loaded
+    state dict replaces them, and the joined matrices would then be stale)."""
+    into, out_of = layer.__dict__[SHARED]
+    attention, mlp = layer.self_attention, layer.mlp
+    rows, width = attention.query_key_value.out_features, attention.dense.in_features
+    made = ((attention.query_key_value.weight, into[:rows]), (mlp.dense_h_to_4h.weight, into[rows:]),
+            (attention.dense.weight, out_of[:, :width]), (mlp.dense_4h_to_h.weight, out_of[:, width:]))
+    return all(w.data_ptr() == view.data_ptr() and w.shape == view.shape for w, view in made)
 
 
 def _joinable(layer: FalconDecoderLayer) -> bool:

@@ -48,7 +48,7 @@ NEW_TOKENS = "tokens/new_tokens"
 TOKENS = (PROMPT_TOKENS, NEW_TOKENS)  # per sample; the run logs their sums as `<name>_total`
 WARMUP_TOKENS_TOTAL = "tokens/warmup_tokens_total"
 LOAD_S = "time/load_s"  # loading the weights (and quantizing them), when the job loaded its model
-PREPARE_S = "time/fast_prepare_s"  # building the fast decoder: compiling and capturing its step (inductor's caches make a repeat cheap)
+PREPARE_S = "time/fast_prepare_s"  # building the fast decoder: joining Falcon-7B's weights, compiling, capturing (cached: a repeat is cheap)
 
 # Memory, per generation (reset before each) and as the run's peak over them.
 PEAK_RSS_GB = "memory/peak_rss_gb"

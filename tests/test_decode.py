@@ -114,12 +114,25 @@ def test_the_lean_falcon_step_gives_transformers_values_and_tokens(bias):
             ours = next_logits()
         theirs = next_logits()
         batch = fast.generate(padded, 16, True, lambda: None, attention_mask=mask)
+        alone = FastDecoder(model, max_tokens=3 + 16, config=tiny_job(), device="cpu")
+        (single,) = alone.generate(torch.tensor([PROMPTS[1]]), 16, True, lambda: None)
     finally:
         falcon_step._TRANSFORMERS_ATTENTION = transformers_attention
-    assert set(one_token_calls) == {8}  # the prompts alone went to transformers' attention
+    assert set(one_token_calls) == {8, 3}  # the prompts alone went to transformers' attention
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert batch == [eager.generate(torch.tensor([PROMPTS[0]]), 16, True, lambda: None)[0],
                      eager.generate(torch.tensor([PROMPTS[2]]), 16, True, lambda: None)[0]]
+    assert single == eager.generate(torch.tensor([PROMPTS[1]]), 16, True, lambda: None)[0]
+
+
+def test_the_lean_step_leaves_transformers_falcon_as_it_was_after_an_error():
+    from transformers.models.falcon.modeling_falcon import FalconAttention, FalconDecoderLayer
+
+    before = FalconAttention._split_heads, FalconAttention.forward, FalconDecoderLayer.forward
+    with pytest.raises(RuntimeError, match="inside"), falcon_for_decoding():
+        assert FalconDecoderLayer.forward is not before[2] and FalconAttention.forward is not before[1]
+        raise RuntimeError("inside")
+    assert (FalconAttention._split_heads, FalconAttention.forward, FalconDecoderLayer.forward) == before
 
 
 def test_joined_weights_add_no_memory_and_are_joined_once():
@@ -145,6 +158,12 @@ def test_joined_weights_add_no_memory_and_are_joined_once():
     assert attention.dense.weight.data_ptr() == out_of.data_ptr()
     assert mlp.dense_4h_to_h.weight.untyped_storage().data_ptr() == out_of.untyped_storage().data_ptr()
     assert out_of.shape == (48, 48 + 4 * 48) and into.shape == (48 + 2 * 16 + 4 * 48, 48)
+    # weights replaced since (a .to(), a loaded state dict): that layer is joined again, from them
+    mlp.dense_h_to_4h.weight = torch.nn.Parameter(mlp.dense_h_to_4h.weight.detach() * 2)
+    assert share_reads(model) == 1
+    into = layer.__dict__[SHARED][0]
+    assert torch.equal(into[attention.query_key_value.out_features :], before["transformer.h.0.mlp.dense_h_to_4h.weight"] * 2)
+    assert mlp.dense_h_to_4h.weight.untyped_storage().data_ptr() == into.untyped_storage().data_ptr()
 
 
 def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):

@@ -5,9 +5,10 @@ timed the same way (device synchronised, CUDA events on a GPU, perf_counter on t
 interleaved rounds; (2) the harness's figures against torch's profiler on the same generate;
 (3) eager against the fast path (static cache and CUDA graphs): ms/token, the fraction of the
 bandwidth floor, and whether the tokens are the same; (4) the step's matmuls alone: every linear
-layer once at batch 1, their kernels replayed as one CUDA graph, against the bytes they read. A
+layer once at batch 1 (Falcon-7B's joined matrices as the lean step reads them), their kernels
+replayed as one CUDA graph, against the bytes they read. A
 fast step is its matmuls plus the rest (attention, norms, embeddings, argmax), which is the same
-for every quantization mode; so bf16's fast step minus its matmuls says what a perfect quantized
+for every quantization mode (nearly: joined layers save a residual add); so bf16's fast step minus its matmuls says what a perfect quantized
 kernel would still pay per token, and which fraction of the floor is then within reach; (5) the
 fast step's GPU kernels by op class (torch's profiler over the graph's replays): kernels and
 microseconds per step in each class, and the time no kernel ran (the gaps between them).
@@ -169,17 +170,28 @@ def kernels_by_class(decoder, ids, tokens: int, ms_per_token: float | None) -> N
 
 
 def matmuls_alone(model, device: str, config) -> tuple[float, int]:
-    """The ms one decode step spends in its linear layers alone (each once, at batch 1, in module
-    order, their kernels captured as one CUDA graph so no launch or Python cost is counted; on the
-    CPU, or where a layer cannot be captured, called plainly), and the bytes those layers hold."""
-    linears = [m for _, m in config.quantization.method.layers(model)]
+    """The ms one decode step spends reading its weights alone: every linear layer once at batch 1
+    (where falcon_exp/falcon_step.py joined a Falcon layer's four matrices, its two joined ones,
+    as the step reads them), their kernels captured as one CUDA graph so no launch or Python cost
+    is counted (on the CPU, or where a layer cannot be captured, called plainly); and the bytes
+    those reads hold."""
     where = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    inputs = [torch.randn(1, 1, input_width(m), dtype=dtype, device=where) for m in linears]
+    reads, held, joined = [], 0, set()  # (a weight read, its input); bytes; the modules joined
+    for layer in model.modules():
+        for matrix in layer.__dict__.get(falcon_step.SHARED, ()):
+            reads.append((lambda x, matrix=matrix: x @ matrix.T, torch.randn(1, 1, matrix.shape[1], dtype=dtype, device=where)))
+            held += matrix.numel() * matrix.element_size()
+        if falcon_step.SHARED in layer.__dict__:
+            joined.update(map(id, layer.modules()))
+    for _, module in config.quantization.method.layers(model):
+        if id(module) not in joined:
+            reads.append((module, torch.randn(1, 1, input_width(module), dtype=dtype, device=where)))
+            held += quantization.weights_bytes(module)
 
     def step() -> None:
-        for module, x in zip(linears, inputs):
-            module(x)
+        for read, x in reads:
+            read(x)
 
     work, how = step, "plain calls"
     if device == "cuda":
@@ -190,8 +202,8 @@ def matmuls_alone(model, device: str, config) -> tuple[float, int]:
             how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
     with torch.no_grad():
         ms = median_seconds(device, where.index or 0, work, roofline.ROUNDS[device]) * 1e3
-    held = sum(quantization.weights_bytes(m) for m in linears)
-    print(f"  {len(linears)} linear layers, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
+    layers = sum(isinstance(read, torch.nn.Module) for read, _ in reads)
+    print(f"  {layers} linear layers and {len(reads) - layers} joined matrices, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
     return ms, held
 

@@ -1,9 +1,10 @@
 """One new token's attention over a static cache in Falcon-7B's shape as the lean step takes it
-(71 query rows against one key-value head, half the cache masked), each way 32 times in one CUDA
-graph (a step's layers), in us per call: torch's fused kernels (cuDNN, memory-efficient), its math
-attention, the same written out and compiled by inductor, and transformers' layout (71 heads
-broadcast against one, which only the math attention takes). The error is against float32.
-Needs a CUDA GPU.
+(71 query rows against one key-value head, half the cache masked), each way called 32 times on
+the same cache in one CUDA graph (a step's layers, one cache for all), in us per call: torch's
+fused kernels (cuDNN, memory-efficient), its math attention, the same written out (queries times
+keys in bf16, as transformers' eager Falcon does) and compiled by inductor, and transformers'
+layout (71 heads broadcast against one, which only the math attention takes). The error is
+against float32. Needs a CUDA GPU.
 
     python experiments/benchmarks/one_token_attention.py
 """
