@@ -39,6 +39,25 @@ def test_the_matmuls_alone_are_every_linear_layer_and_the_bytes_they_hold(backen
     assert held == weights_bytes(model) - outside
 
 
+def test_the_matmuls_alone_read_falcon_7bs_joined_matrices_as_the_lean_step_does():
+    """Once the fast path has joined a layer's four matrices into two, the matmuls alone read
+    those two (the step's reads), and the same bytes as before the join."""
+    from test_decode import multi_query_falcon
+
+    from conftest import compose
+    from falcon_exp.decode import FastDecoder
+
+    model, config = multi_query_falcon(bias=False), compose("model=tiny-falcon")
+    matmuls_alone = _script("decode").matmuls_alone
+    _, apart = matmuls_alone(model, "cpu", config)
+    FastDecoder(model, 16, config, "cpu")
+    calls = []
+    for layer in model.transformer.h:
+        layer.mlp.dense_h_to_4h.register_forward_hook(lambda m, i, o: calls.append(m))
+    _, joined = matmuls_alone(model, "cpu", config)
+    assert joined == apart and not calls  # the joined matrices were read, not the layers' views
+
+
 @pytest.mark.parametrize("planted", [0, 6])
 def test_outlier_columns_are_the_planted_dims_in_the_layers_fed_by_the_norms(planted):
     seen = _script("outlier_columns").columns_past("tiny-falcon", layers=2, outliers=planted, tokens=12, threshold=6.0)

@@ -177,21 +177,22 @@ def matmuls_alone(model, device: str, config) -> tuple[float, int]:
     those reads hold."""
     where = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    reads, held, joined = [], 0, set()  # (a weight read, its input); bytes; the modules joined
+    reads, joined = [], set()  # (a weight read: a joined matrix or a layer, its input); the modules joined
     for layer in model.modules():
         for matrix in layer.__dict__.get(falcon_step.SHARED, ()):
-            reads.append((lambda x, matrix=matrix: x @ matrix.T, torch.randn(1, 1, matrix.shape[1], dtype=dtype, device=where)))
-            held += matrix.numel() * matrix.element_size()
+            reads.append((matrix, torch.randn(1, 1, matrix.shape[1], dtype=dtype, device=where)))
         if falcon_step.SHARED in layer.__dict__:
             joined.update(map(id, layer.modules()))
     for _, module in config.quantization.method.layers(model):
         if id(module) not in joined:
             reads.append((module, torch.randn(1, 1, input_width(module), dtype=dtype, device=where)))
-            held += quantization.weights_bytes(module)
 
     def step() -> None:
         for read, x in reads:
-            read(x)
+            if isinstance(read, torch.nn.Module):
+                read(x)
+            else:
+                x @ read.T
 
     work, how = step, "plain calls"
     if device == "cuda":
@@ -202,6 +203,8 @@ def matmuls_alone(model, device: str, config) -> tuple[float, int]:
             how = f"plain calls (no graph: {str(error).strip().splitlines()[0][:120]})"
     with torch.no_grad():
         ms = median_seconds(device, where.index or 0, work, roofline.ROUNDS[device]) * 1e3
+    # after the calls: a layer may move its scales into its state on its first forward (LLM.int8)
+    held = sum(quantization.weights_bytes(r) if isinstance(r, torch.nn.Module) else r.numel() * r.element_size() for r, _ in reads)
     layers = sum(isinstance(read, torch.nn.Module) for read, _ in reads)
     print(f"  {layers} linear layers and {len(reads) - layers} joined matrices, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
