@@ -123,7 +123,7 @@ class FastDecoder:
         started = time.perf_counter()
         share_reads(model)
         self.fallback = self._why_no_graph(config, device) or self._capture()
-        self.prepare_s = time.perf_counter() - started  # compiling and capturing the step, where they run
+        self.prepare_s = time.perf_counter() - started  # joining weights, compiling and capturing the step, where they run
 
     @property
     def kv_bytes_per_token(self) -> float:

@@ -8,8 +8,8 @@ transformers' Falcon is written for every shape; one new token over a static cac
 - where attention and MLP read the same normed input (Falcon-7B's parallel layout), their four
   weight matrices read as two: [query_key_value; dense_h_to_4h] on the input, [dense |
   dense_4h_to_h] on the joined outputs. Fewer, larger GEMVs stream closer to the memory's
-  bandwidth. The layers' own weights become views of the joined ones (no memory is added), so
-  every other path computes with the same numbers.
+  bandwidth. The layers' own weights become views of the joined ones (the weights take no more
+  memory), so every other path computes with the same numbers.
 Any other call (a prompt, alibi, attention weights asked for) runs transformers' own code.
 """
 
