@@ -53,8 +53,7 @@ def _attend(attention: FalconAttention, fused_qkv: torch.Tensor, attention_mask:
     the query rows of the one key-value head, against the same cache and mask (the mask's one row
     serves every head)."""
     batch = fused_qkv.shape[0]
-    heads = fused_qkv.view(batch, 1, attention.num_heads + 2, attention.head_dim).transpose(1, 2)
-    query, key, value = heads[:, :-2], heads[:, -2:-1], heads[:, -1:]  # [batch, heads, 1, head_dim]
+    query, key, value = (x.transpose(1, 2) for x in _split_heads_by_slices(attention, fused_qkv))  # [batch, heads, 1, head_dim]
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     if layer_past is not None:
