@@ -1,7 +1,7 @@
 """Falcon-7B's four weight reads per layer against the two of the lean step (falcon_exp/falcon_step.py):
 x @ W.t() for [query_key_value, dense, dense_h_to_4h, dense_4h_to_h] x 32 layers, against
 [query_key_value; dense_h_to_4h] and [dense | dense_4h_to_h], random bf16 weights, each set captured
-in one CUDA graph, the median of 50 replays; then each matrix alone x 32. Needs a CUDA GPU.
+in one CUDA graph, the median of 50 replays (falcon_exp.measure's timer); then each matrix alone x 32. Needs a CUDA GPU.
 
     python experiments/benchmarks/joined_gemvs.py
 """
@@ -12,31 +12,15 @@ from collections.abc import Callable
 
 import torch
 
+from falcon_exp.decode import cuda_graph_of
+from falcon_exp.measure import median_seconds
+
 LAYERS, HIDDEN, QKV, FFN = 32, 4544, 4672, 18176  # Falcon-7B
 
 
 def graph_ms(step: Callable[[], object], replays: int = 50) -> float:
-    """The median ms of one replay of `step` captured as a CUDA graph (warmed up on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step(), step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[replays // 2]
+    """The median ms of one replay of `step` captured as a CUDA graph, timed as the harness times."""
+    return median_seconds("cuda", 0, cuda_graph_of(step).replay, replays) * 1e3
 
 
 def weight(*shape: int) -> torch.Tensor:
