@@ -6,10 +6,10 @@ interleaved rounds; (2) the harness's figures against torch's profiler on the sa
 (3) eager against the fast path (static cache and CUDA graphs): ms/token, the fraction of the
 bandwidth floor, and whether the tokens are the same; (4) the step's matmuls alone: every linear
 layer once at batch 1 (Falcon-7B's joined matrices as the lean step reads them), their kernels
-replayed as one CUDA graph, against the bytes they read. A
-fast step is its matmuls plus the rest (attention, norms, embeddings, argmax), which is the same
-for every quantization mode (nearly: joined layers save a residual add); so bf16's fast step minus its matmuls says what a perfect quantized
-kernel would still pay per token, and which fraction of the floor is then within reach; (5) the
+replayed as one CUDA graph, against the bytes they read. A fast step is its matmuls plus the rest
+(attention, norms, embeddings, argmax), which is the same for every quantization mode (nearly:
+joined layers save a residual add); so bf16's fast step minus its matmuls says what a perfect
+quantized kernel would still pay per token, and which fraction of the floor is then within reach; (5) the
 fast step's GPU kernels by op class (torch's profiler over the graph's replays): kernels and
 microseconds per step in each class, and the time no kernel ran (the gaps between them).
 
@@ -177,22 +177,20 @@ def matmuls_alone(model, device: str, config) -> tuple[float, int]:
     those reads hold."""
     where = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    reads, joined = [], set()  # (a weight read: a joined matrix or a layer, its input); the modules joined
+    matrices, joined = [], set()  # (a joined matrix, its input); the modules joined
     for layer in model.modules():
         for matrix in layer.__dict__.get(falcon_step.SHARED, ()):
-            reads.append((matrix, torch.randn(1, 1, matrix.shape[1], dtype=dtype, device=where)))
+            matrices.append((matrix, torch.randn(1, 1, matrix.shape[1], dtype=dtype, device=where)))
         if falcon_step.SHARED in layer.__dict__:
             joined.update(map(id, layer.modules()))
-    for _, module in config.quantization.method.layers(model):
-        if id(module) not in joined:
-            reads.append((module, torch.randn(1, 1, input_width(module), dtype=dtype, device=where)))
+    linears = [(m, torch.randn(1, 1, input_width(m), dtype=dtype, device=where))
+               for _, m in config.quantization.method.layers(model) if id(m) not in joined]
 
     def step() -> None:
-        for read, x in reads:
-            if isinstance(read, torch.nn.Module):
-                read(x)
-            else:
-                x @ read.T
+        for module, x in linears:
+            module(x)
+        for matrix, x in matrices:
+            x @ matrix.T
 
     work, how = step, "plain calls"
     if device == "cuda":
@@ -204,9 +202,8 @@ def matmuls_alone(model, device: str, config) -> tuple[float, int]:
     with torch.no_grad():
         ms = median_seconds(device, where.index or 0, work, roofline.ROUNDS[device]) * 1e3
     # after the calls: a layer may move its scales into its state on its first forward (LLM.int8)
-    held = sum(quantization.weights_bytes(r) if isinstance(r, torch.nn.Module) else r.numel() * r.element_size() for r, _ in reads)
-    layers = sum(isinstance(read, torch.nn.Module) for read, _ in reads)
-    print(f"  {layers} linear layers and {len(reads) - layers} joined matrices, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
+    held = sum(quantization.weights_bytes(m) for m, _ in linears) + sum(w.numel() * w.element_size() for w, _ in matrices)
+    print(f"  {len(linears)} linear layers and {len(matrices)} joined matrices, {held / 1e9:.3f} GB: {ms:.3f} ms per step ({how}), "
           f"{held / ms / 1e6:.0f} GB/s")
     return ms, held
 
