@@ -195,9 +195,6 @@ def test_a_stopped_analysis_leaves_no_half_written_file(tmp_path, sweep_store, m
     is whole (figures are written beside and moved into place)."""
     import os
     import signal
-
-    before = {each: signal.getsignal(each) for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
-    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     import time
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep_store)
@@ -205,6 +202,8 @@ def test_a_stopped_analysis_leaves_no_half_written_file(tmp_path, sweep_store, m
     assert analysis_main(["--out", str(tmp_path / "whole")]) == 0
     whole_s = time.perf_counter() - started  # the moments are fractions of it, so they fall inside on any machine
     capsys.readouterr()
+    before = {each: signal.getsignal(each) for each in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
+    signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     stopped = 0
     try:
         for share in (0.15, 0.4, 0.65, 0.9):
