@@ -122,7 +122,7 @@ class FastDecoder:
         self.graph, self.path = None, "static_cache"
         started = time.perf_counter()
         share_reads(model)
-        self.fallback = self._why_no_graph(config, device) or self._capture()
+        self.fallback = self._why_no_graph(config, device) or self._capture(config)
         self.prepare_s = time.perf_counter() - started  # joining weights, compiling and capturing the step, where they run
 
     @property
@@ -186,14 +186,15 @@ class FastDecoder:
             return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
         return config.quantization.method.graph_blocker(config) if config.bits != 16 else None
 
-    def _capture(self) -> str | None:
-        """The compiled step as a graph, else (or with generation.compile=false) the plain step as
-        one; the reasons for what failed."""
+    def _capture(self, config: JobConfig) -> str | None:
+        """The compiled step as a graph (with the inductor options its layers need), else (or with
+        generation.compile=false) the plain step as one; the reasons for what failed."""
         self._buffers_beside_weights()
         torch._dynamo.reset()  # a fresh compile per decoder: past the recompile limit dynamo runs eager silently
         use_compile_cache()
+        options = config.quantization.method.inductor_options(config) if config.bits != 16 else {}
         reasons = []
-        with falcon_for_decoding():
+        with falcon_for_decoding(), torch._inductor.config.patch(options):
             for path, what, step in self._attempts():
                 try:
                     self.graph, self.path = cuda_graph_of(step), path
@@ -221,20 +222,29 @@ class FastDecoder:
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None],
                  attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy tokens. A forced length needs no look at them before the end, so the host never
+        waits for the device: each step's token is copied to a device buffer and the next step is
+        launched while the last runs. Otherwise the host reads each token to stop at EOS."""
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
-        generated: list[list[int]] = []
+        step = self.graph.replay if self.graph is not None else self._step
         with torch.no_grad(), falcon_for_decoding():
             self.cache.reset()
             self._prefill(input_ids, attention_mask)
+            if force_length:
+                tokens = torch.empty((self.batch, new_tokens), dtype=self.token.dtype, device=self.token.device)
+                for i in range(new_tokens):
+                    on_token()
+                    tokens[:, i : i + 1].copy_(self.token)
+                    if i + 1 < new_tokens:
+                        step()
+                return tokens.tolist()
+            generated: list[list[int]] = []
             while True:
                 on_token()
                 generated.append(self.token[:, 0].tolist())
-                if len(generated) == new_tokens or (not force_length and generated[-1][0] in self.eos):
+                if len(generated) == new_tokens or generated[-1][0] in self.eos:
                     return [list(tokens) for tokens in zip(*generated)]
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._step()
+                step()
 
 
 def use_compile_cache() -> Path:

@@ -104,6 +104,11 @@ class Backend:
         """Why a CUDA graph cannot hold its layers for this request; None when it can."""
         return None
 
+    def inductor_options(self, config: JobConfig) -> dict[str, Any]:
+        """Inductor settings the fast path's compiled step needs for its layers; none: inductor's
+        defaults, which every other method compiles with."""
+        return {}
+
     def run_metrics(self, model: torch.nn.Module, config: JobConfig) -> dict[str, float]:
         """Its own metrics after the timed generations (by the names in `metrics`)."""
         return {}
