@@ -116,6 +116,15 @@ def test_roofline_rows_name_the_run_its_floor_and_its_commit(sweep_store):
         assert (row["settings"] == threshold) == (row["bits"] == 8) and (row["settings"] == "") == (row["bits"] == 16)
 
 
+def test_a_named_commit_is_shown_whole_and_a_hash_short():
+    import pandas as pd
+
+    from falcon_exp.analysis.tables import short_commits
+
+    commits = pd.Series(["c62cfee+async", "da6f0e3" + "0" * 33, "da6f0e3", ""])
+    assert short_commits(commits).tolist() == ["c62cfee+async", "da6f0e3", "da6f0e3", ""]
+
+
 def test_tidy_frame_has_a_row_per_run_and_prompt(sweep_store):
     from falcon_exp.analysis.load import load
 

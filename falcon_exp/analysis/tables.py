@@ -283,10 +283,16 @@ def roofline(runs: pd.DataFrame) -> pd.DataFrame:
         "weight_bytes_per_step_gb": column(runs, schema.WEIGHT_BYTES_PER_STEP_GB),
         "decode_path": column(runs, schema.TAG_DECODE_PATH, "eager"),
         "fallback": column(runs, schema.TAG_FAST_FALLBACK, "").fillna(""),
-        "commit": column(runs, schema.TAG_GIT_COMMIT, "").fillna("").str[:7],
+        "commit": short_commits(column(runs, schema.TAG_GIT_COMMIT, "").fillna("")),
         "run_id": runs["run_id"],
     })
     return table.reset_index(drop=True)
+
+
+def short_commits(commits: pd.Series) -> pd.Series:
+    """A full git hash as its first 7 digits; any other name (FALCON_EXP_GIT_COMMIT's, such as
+    `c62cfee+async`) whole, since its tail is what tells it apart."""
+    return commits.str.replace(r"^([0-9a-f]{7})[0-9a-f]{33}$", r"\1", regex=True)
 
 
 def settings_applying(runs: pd.DataFrame) -> pd.Series:
