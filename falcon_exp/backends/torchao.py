@@ -119,8 +119,8 @@ class Torchao(Backend):
         """int8 and float8 weight-only layers are a conversion of the weight and a matmul. At batch 1
         inductor writes that matmul as one reduction that reads the 8-bit weight once, but only under
         coordinate-descent tuning (torch/_inductor/decomposition.py, `mm`); without it the step
-        converts every weight to bf16 and then multiplies (Falcon-7B on an H200: 53 ms/token against
-        4.83, the compile 183 s against about 70)."""
+        converts every weight to bf16 and then multiplies, over ten times slower on Falcon-7B. The
+        compile takes about twice as long."""
         weight_only = config.bits == 8 and config.quantization.settings.eight_bit in ("int8", "float8")
         return {"coordinate_descent_tuning": True} if weight_only and config.batch_size == 1 else {}
 
