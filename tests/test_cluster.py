@@ -66,11 +66,12 @@ def test_a_slurm_sweep_a_cancelled_job_ends_killed_and_resume_reruns_exactly_it(
 
 @pytest.fixture(scope="module")
 def time_limited_sweep(tmp_path_factory, pg_server, slurm):
-    """A one-job sweep with a one-minute SLURM limit, started before the other test of this module
-    so that its minute passes beside that test. SLURM's limit reaches a submitit job first as SIGUSR2
-    (hydra.launcher.signal_delay_s, 120 s by default, before the limit: with a one-minute limit, at
-    once); submitit then ends the job. The job waits for the machine's bandwidth measurement (its
-    cache lock, held here) until then: a job past its limit without a minute of the CPUs."""
+    """A one-job sweep with a two-minute SLURM limit, started before the other test of this module
+    so that its minutes pass beside that test. SLURM's limit reaches a submitit job first as SIGUSR2
+    (hydra.launcher.signal_delay_s before the limit, here 60 s; SLURM may send it up to a minute
+    early, so at 0-60 s from the start with 120 s it came ~20 s in, while a busy machine's job was
+    still importing torch); submitit then ends the job. The job waits for the machine's bandwidth
+    measurement (its cache lock, held here) until then: a job past its limit without the CPUs."""
     root = tmp_path_factory.mktemp("time-limit")
     store, _ = pg_server
     command = [sys.executable, "-m", "falcon_exp", "-m", *ON_THE_CLUSTER, f"hydra.launcher.submitit_folder={root}/submitit",
@@ -79,12 +80,12 @@ def time_limited_sweep(tmp_path_factory, pg_server, slurm):
     (root / "cache").mkdir()
     lock = contextlib.ExitStack()
     lock.enter_context(file_lock(root / "cache" / f".{BANDWIDTH_FILE}.lock"))
-    sweep = subprocess.Popen([*command, "hydra.launcher.timeout_min=1"], cwd=root, env=env, stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, text=True)
+    limit = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"]
+    sweep = subprocess.Popen([*command, *limit], cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
     def ended() -> tuple[int, str]:
         """The sweep's exit code and stderr once it ends; the lock is let go then."""
-        _, err = sweep.communicate(timeout=150)
+        _, err = sweep.communicate(timeout=240)
         lock.close()
         return sweep.returncode, err
 
