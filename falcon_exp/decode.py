@@ -39,6 +39,7 @@ class Decoder(Protocol):
     path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache
     fallback: str | None  # why the fast path runs without the compilation asked for, or without a graph
     prepare_s: float | None  # seconds spent building it (the fast path's compile and capture); None for eager
+    inductor_options: str  # `key=value, ...`: the options beyond inductor's defaults its compiled step was built with; "" for none
     kv_bytes_per_token: float  # KV-cache bytes stored per token of context
 
     def kv_bytes_per_step(self, prompt_tokens: int, new_tokens: int) -> float:
@@ -72,6 +73,7 @@ class EagerDecoder:
     path = "eager"
     fallback = None
     prepare_s = None  # nothing to prepare
+    inductor_options = ""  # nothing compiled
 
     def __init__(self, model: PreTrainedModel, pad_token_id: int, batch: int = 1) -> None:
         self.model, self.pad_token_id, self.batch = model, pad_token_id, batch
@@ -107,6 +109,7 @@ class FastDecoder:
         from transformers import StaticCache
 
         self.model, self.max_tokens, self.batch, self.compile = model, max_tokens, batch, config.generation.compile
+        self.devices = {p.device for p in model.parameters()}
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self.cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         where = model.get_input_embeddings().weight.device
@@ -119,7 +122,7 @@ class FastDecoder:
         head = model.get_output_embeddings().weight
         self.eos = _eos_ids(model)
         self.suppress = torch.zeros(head.shape[0], dtype=torch.float32, device=head.device)  # -inf at EOS when forced
-        self.graph, self.path = None, "static_cache"
+        self.graph, self.path, self.inductor_options = None, "static_cache", ""
         started = time.perf_counter()
         share_reads(model)
         self.fallback = self._why_no_graph(config, device) or self._capture(config)
@@ -178,12 +181,18 @@ class FastDecoder:
         self.slot.fill_(length)
         self.mask[:, length] = 1
 
+    def _marks_follow_steps(self) -> bool:
+        """Whether `on_token`'s mark (a CUDA event on the current device's stream) comes after each
+        step without the host reading its token: the model wholly on the CPU or on the current GPU;
+        across GPUs, or on another one, the step ends on a stream the mark does not wait for."""
+        (only,) = self.devices if len(self.devices) == 1 else (None,)
+        return only is not None and (only.type == "cpu" or only.index == torch.cuda.current_device())
+
     def _why_no_graph(self, config: JobConfig, device: str) -> str | None:
         if device != "cuda":
             return f"CUDA graphs need a CUDA device (device={device})"
-        devices = {p.device for p in self.model.parameters()}
-        if len(devices) > 1:
-            return f"the model spans {len(devices)} devices and a CUDA graph is captured on one"
+        if len(self.devices) > 1:
+            return f"the model spans {len(self.devices)} devices and a CUDA graph is captured on one"
         return config.quantization.method.graph_blocker(config) if config.bits != 16 else None
 
     def _capture(self, config: JobConfig) -> str | None:
@@ -198,6 +207,8 @@ class FastDecoder:
             for path, what, step in self._attempts():
                 try:
                     self.graph, self.path = cuda_graph_of(step), path
+                    if path == "compiled_cuda_graph":
+                        self.inductor_options = ", ".join(f"{key}={value}" for key, value in options.items())
                     return "; ".join(reasons) or None
                 except Exception as error:  # noqa: BLE001 - inductor and capture raise many kinds; each is a reason
                     torch.cuda.synchronize()
@@ -222,15 +233,16 @@ class FastDecoder:
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int, force_length: bool, on_token: Callable[[], None],
                  attention_mask: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy tokens. A forced length needs no look at them before the end, so the host never
-        waits for the device: each step's token is copied to a device buffer and the next step is
-        launched while the last runs. Otherwise the host reads each token to stop at EOS."""
+        """Greedy tokens. A forced length needs no look at them before the end, so the host does not
+        read them: each step's token is copied to a device buffer and the next step is launched
+        while the last runs. Otherwise the host reads each token (to stop at EOS), as it
+        does wherever a mark on the current device would not follow the step."""
         self.suppress[self.eos] = float("-inf") if force_length else 0.0
         step = self.graph.replay if self.graph is not None else self._step
         with torch.no_grad(), falcon_for_decoding():
             self.cache.reset()
             self._prefill(input_ids, attention_mask)
-            if force_length:
+            if force_length and self._marks_follow_steps():
                 tokens = torch.empty((self.batch, new_tokens), dtype=self.token.dtype, device=self.token.device)
                 for i in range(new_tokens):
                     on_token()
@@ -242,7 +254,7 @@ class FastDecoder:
             while True:
                 on_token()
                 generated.append(self.token[:, 0].tolist())
-                if len(generated) == new_tokens or generated[-1][0] in self.eos:
+                if len(generated) == new_tokens or (not force_length and generated[-1][0] in self.eos):
                     return [list(tokens) for tokens in zip(*generated)]
                 step()
 

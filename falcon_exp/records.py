@@ -91,6 +91,7 @@ class JobResult:
     decode_path: str  # eager, compiled_cuda_graph, cuda_graph or static_cache (falcon_exp/decode.py)
     prepare_s: float | None  # building the fast decoder (compile, capture); None for eager
     fast_fallback: str | None  # why the fast path runs without the compilation asked for, or without CUDA graphs
+    inductor_options: str  # options beyond inductor's defaults its compiled step was built with ("" for none)
     bandwidth: Bandwidth
     weight_bytes_per_step: int
     kv_bytes_per_token: float

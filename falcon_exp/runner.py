@@ -69,6 +69,7 @@ def run(job: Job, sweep: SweepNeeds | None = None) -> JobResult:
         decode_path=decoder.path,
         prepare_s=decoder.prepare_s,
         fast_fallback=decoder.fallback,
+        inductor_options=decoder.inductor_options,
         bandwidth=bandwidth,
         weight_bytes_per_step=bench.weights_step,
         kv_bytes_per_token=decoder.kv_bytes_per_token,

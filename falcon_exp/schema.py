@@ -260,6 +260,7 @@ TAG_DEVICE = "falcon_exp.device"
 TAG_MODEL_REUSED = "falcon_exp.model_reused"
 TAG_DECODE_PATH = "falcon_exp.decode_path"
 TAG_FAST_FALLBACK = "falcon_exp.fast_fallback"
+TAG_INDUCTOR_OPTIONS = "falcon_exp.inductor_options"  # inductor options beyond its defaults that the fast path's compiled step was built with
 TAG_QUANTIZATION_REALISED = "falcon_exp.quantization_realised"
 TAG_QUANTIZATION_SOURCE = "falcon_exp.quantization_source"
 TAG_UNMEASURED = "falcon_exp.unmeasured"

@@ -47,6 +47,8 @@ def _tags_of(result: JobResult) -> dict[str, str]:
         tags[schema.TAG_NOISE] = result.noise.said
     if result.fast_fallback:
         tags[schema.TAG_FAST_FALLBACK] = result.fast_fallback
+    if result.inductor_options:
+        tags[schema.TAG_INDUCTOR_OPTIONS] = result.inductor_options
     tags |= result.backend_tags
     if result.unmeasured:
         tags[schema.TAG_UNMEASURED] = "; ".join(f"{k}: {why}" for k, why in sorted(result.unmeasured.items()))

@@ -178,9 +178,19 @@ def test_fast_path_without_cuda_says_why_and_times_every_token(tiny):
 def test_int8_with_outlier_threshold_names_why_it_cannot_be_graphed():
     job = tiny_job("bits=8", "quantization.bitsandbytes.int8_threshold=6.0")
     decoder = FastDecoder.__new__(FastDecoder)
-    decoder.model = torch.nn.Linear(2, 2)
+    decoder.devices = {torch.device("cuda", 0)}
     assert "int8_threshold=6.0" in decoder._why_no_graph(job, "cuda")
     assert decoder._why_no_graph(tiny_job("bits=8", "quantization.bitsandbytes.int8_threshold=0"), "cuda") is None
+
+
+def test_the_host_skips_reading_tokens_only_where_the_clock_follows_the_step():
+    """A forced generation leaves its tokens on the device only when the clock's marks (on the
+    current device's stream) come after each step: a model on the CPU, not one across devices."""
+    decoder = FastDecoder.__new__(FastDecoder)
+    decoder.devices = {torch.device("cpu")}
+    assert decoder._marks_follow_steps()
+    decoder.devices = {torch.device("cuda", 0), torch.device("cuda", 1)}
+    assert not decoder._marks_follow_steps()
 
 
 def test_generation_fast_is_validated():
@@ -311,13 +321,16 @@ def test_a_fraction_above_one_is_flagged_not_logged_silently(tiny):
                     cpu_wait_share=0.0)
     samples = [Sample(0, r, "p", "o", timing, {}, floor, floor / 1.0) for r, floor in enumerate((0.8, 1.25))]
     result = JobResult(samples=samples, memory={}, unmeasured={}, report=inspect(model, job), load_s=1.0, device="cpu", quality={},
-                       decode_path="eager", prepare_s=None, fast_fallback=None, weight_bytes_per_step=1,
+                       decode_path="eager", prepare_s=None, fast_fallback=None, inductor_options="", weight_bytes_per_step=1,
                        bandwidth=Bandwidth(read=1e9, copy=1e9, read_method="reduction", readings={}),
                        kv_bytes_per_token=1.0, warmup_tokens=0, backend_metrics={}, backend_tags={}, noise=Noise([], 0, None),
                        task_results=None)
     warning = _tags_of(result)["falcon_exp.roofline_warning"]
     assert "1 of 2 samples decode faster than the bandwidth floor allows (up to 1.250)" in warning
     assert "falcon_exp.roofline_warning" not in _tags_of(dataclasses.replace(result, samples=samples[:1]))
+    assert "falcon_exp.inductor_options" not in _tags_of(result)  # inductor's defaults, or nothing compiled: no tag
+    tuned = dataclasses.replace(result, decode_path="compiled_cuda_graph", inductor_options="coordinate_descent_tuning=True")
+    assert _tags_of(tuned)["falcon_exp.inductor_options"] == "coordinate_descent_tuning=True"
 
 
 def test_a_second_compile_of_the_same_step_loads_it_from_the_projects_compile_cache(tmp_path, monkeypatch):

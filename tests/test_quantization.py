@@ -268,23 +268,17 @@ def test_a_sweep_measures_what_repeats_an_earlier_job_once():
 
 def test_torchao_weight_only_8bit_compiles_its_batch_1_step_with_coordinate_descent():
     """Only int8 and float8 weight-only at batch 1 ask for it (the reduction that reads the 8-bit
-    weight once); the tag says so on a fast GPU run and nowhere else."""
-    from falcon_exp.backends.torchao import TAG_INDUCTOR
-
-    def asked(*overrides: str) -> tuple[dict, dict, dict]:
+    weight once). Whether the options reach the compile needs a GPU: the fast path compiles only
+    there (the run's tag falcon_exp.inductor_options, experiments/README.md)."""
+    def asked(*overrides: str) -> dict:
         config = compose("model=tiny-falcon", "quantization.backend=torchao", *overrides)
-        method = config.quantization.method
-        return (method.inductor_options(config), method.run_tags(None, config, "cuda"), method.run_tags(None, config, "cpu"))
+        return config.quantization.method.inductor_options(config)
 
-    tuned = {"coordinate_descent_tuning": True}
     for eight_bit in ("int8", "float8"):
-        options, tags, on_cpu = asked("bits=8", f"quantization.torchao.eight_bit={eight_bit}", "generation.fast=true")
-        assert options == tuned and tags == {TAG_INDUCTOR: "coordinate_descent_tuning=True"} and on_cpu == {}
-        assert asked("bits=8", f"quantization.torchao.eight_bit={eight_bit}")[1] == {}  # eager: nothing compiled
-        assert asked("bits=8", f"quantization.torchao.eight_bit={eight_bit}", "generation.fast=true", "batch_size=2",
-                     "max_length=null", "max_new_tokens=4", "force_length=true")[0] == {}
-    assert asked("bits=8", "quantization.torchao.eight_bit=float8_dynamic", "generation.fast=true")[:2] == ({}, {})
-    assert asked("bits=4", "generation.fast=true")[:2] == ({}, {})
+        assert asked("bits=8", f"quantization.torchao.eight_bit={eight_bit}") == {"coordinate_descent_tuning": True}
+        assert asked("bits=8", f"quantization.torchao.eight_bit={eight_bit}", "batch_size=2", "max_length=null", "max_new_tokens=4",
+                     "force_length=true") == {}
+    assert asked("bits=8", "quantization.torchao.eight_bit=float8_dynamic") == asked("bits=4") == {}
 
 
 def test_torchao_refuses_in_one_line_before_loading_when_absent_or_on_the_wrong_device(monkeypatch):

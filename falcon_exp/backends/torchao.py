@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 GROUP_SIZES = (32, 64, 128)  # those torchao's int4 kernels take on both CPU and CUDA
 EIGHT_BIT = ("int8", "float8", "float8_dynamic")
-TAG_INDUCTOR = "falcon_exp.torchao_inductor"
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,6 @@ class Torchao(Backend):
     since = "0.2"
     former_keys = {"group_size": "group_size", "torchao_8bit": "eight_bit"}
     quant_method = None
-    tags = {TAG_INDUCTOR: "on a fast run at batch 1 of int8 or float8 weight-only on a GPU: the inductor options its step compiled with"}
 
     def log_filters(self) -> list[tuple[str, logging.Filter]]:
         from falcon_exp.console import Expected
@@ -114,7 +112,6 @@ class Torchao(Backend):
                  "activations": "quantized" if getattr(weight, "act_quant_kwargs", None) is not None else "as they are"}
         return asked, found
 
-
     def inductor_options(self, config: JobConfig) -> dict[str, Any]:
         """int8 and float8 weight-only layers are a conversion of the weight and a matmul. At batch 1
         inductor writes that matmul as one reduction that reads the 8-bit weight once, but only under
@@ -123,10 +120,6 @@ class Torchao(Backend):
         compile takes about twice as long."""
         weight_only = config.bits == 8 and config.quantization.settings.eight_bit in ("int8", "float8")
         return {"coordinate_descent_tuning": True} if weight_only and config.batch_size == 1 else {}
-
-    def run_tags(self, model: torch.nn.Module, config: JobConfig, device: str) -> dict[str, str]:
-        options = self.inductor_options(config) if config.generation.fast and device == "cuda" else {}
-        return {TAG_INDUCTOR: ", ".join(f"{k}={v}" for k, v in options.items())} if options else {}
 
     def hint(self, key: str, found: Any, config: JobConfig) -> str:
         if key == "weight" and found == "Parameter" and config.bits == 4:
