@@ -19,7 +19,9 @@ microseconds per step in each class, and the time no kernel ran (the gaps betwee
         [--attention lean|transformers] [--inductor coordinate_descent_tuning=True ...]
 
 `--attention transformers` runs transformers' own Falcon layers in the fast step (what it ran
-before falcon_exp/falcon_step.py); `--inductor` sets inductor's options for the compiled step.
+before falcon_exp/falcon_step.py); `--inductor` sets inductor's options for the compiled step (a
+backend's own, `Backend.inductor_options`, are applied over them: torchao's 8-bit weight-only
+compiles with coordinate descent whatever is set here).
 """
 
 from __future__ import annotations
