@@ -111,15 +111,14 @@ def share_reads(model: PreTrainedModel) -> int:
         if SHARED in layer.__dict__ or not _joinable(layer):
             continue
         attention, mlp = layer.self_attention, layer.mlp
-        qkv, dense, up, down = attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
         try:
             with torch.no_grad():
-                into = torch.cat([qkv.weight, up.weight])
-                out_of = torch.cat([dense.weight, down.weight], dim=1)
+                into = torch.cat([attention.query_key_value.weight, mlp.dense_h_to_4h.weight])
+                out_of = torch.cat([attention.dense.weight, mlp.dense_4h_to_h.weight], dim=1)
         except torch.OutOfMemoryError:
             break
-        qkv.weight.data, up.weight.data = into[: qkv.out_features], into[qkv.out_features :]
-        dense.weight.data, down.weight.data = out_of[:, : dense.in_features], out_of[:, dense.in_features :]
+        for linear, view in _views(layer, into, out_of):
+            linear.weight.data = view
         layer.__dict__[SHARED] = (into, out_of)
         joined += 1
     if joined and torch.cuda.is_available():
@@ -129,15 +128,19 @@ def share_reads(model: PreTrainedModel) -> int:
     return joined
 
 
+def _views(layer: FalconDecoderLayer, into: torch.Tensor, out_of: torch.Tensor) -> tuple[tuple[torch.nn.Module, torch.Tensor], ...]:
+    """Each of the layer's four linear layers with the part of the joined matrices that is its weight."""
+    attention, mlp = layer.self_attention, layer.mlp
+    rows, width = attention.query_key_value.out_features, attention.dense.in_features
+    return ((attention.query_key_value, into[:rows]), (mlp.dense_h_to_4h, into[rows:]),
+            (attention.dense, out_of[:, :width]), (mlp.dense_4h_to_h, out_of[:, width:]))
+
+
 def _still_joined(layer: FalconDecoderLayer) -> bool:
     """Whether the layer's weights are still the views `share_reads` made (a `.to()` or a loaded
     state dict replaces them, and the joined matrices would then be stale)."""
-    into, out_of = layer.__dict__[SHARED]
-    attention, mlp = layer.self_attention, layer.mlp
-    rows, width = attention.query_key_value.out_features, attention.dense.in_features
-    made = ((attention.query_key_value.weight, into[:rows]), (mlp.dense_h_to_4h.weight, into[rows:]),
-            (attention.dense.weight, out_of[:, :width]), (mlp.dense_4h_to_h.weight, out_of[:, width:]))
-    return all(w.data_ptr() == view.data_ptr() and w.shape == view.shape for w, view in made)
+    return all(linear.weight.data_ptr() == view.data_ptr() and linear.weight.shape == view.shape
+               for linear, view in _views(layer, *layer.__dict__[SHARED]))
 
 
 def _joinable(layer: FalconDecoderLayer) -> bool:
