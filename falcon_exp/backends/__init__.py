@@ -6,7 +6,7 @@ conf/backend/<name>.yaml (and one line in conf/config.yaml's defaults), its test
 
 from __future__ import annotations
 
-from falcon_exp.backends import bitsandbytes, hqq, torchao  # noqa: F401 - each registers itself
+from falcon_exp.backends import bitsandbytes, hqq, marlin, torchao  # noqa: F401 - each registers itself
 from falcon_exp.backends.base import REGISTRY, Backend, Mode
 from falcon_exp.errors import ConfigError
 from falcon_exp.schema import Metric
