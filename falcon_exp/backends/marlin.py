@@ -11,6 +11,7 @@ same values, for quality). The tag falcon_exp.marlin_kernel names the kernel tha
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,7 @@ class Marlin(Backend):
         return next(m for m in self.modes if m.bits == bits)
 
     def check(self, config: JobConfig, device: str, weights: Weights) -> None:
-        """On a GPU the kernel must be there, for bfloat16 activations on compute capability >= 8.0."""
+        """On a GPU: bfloat16 activations, the kernel there, a GPU of compute capability >= 8.0."""
         if device != "cuda":
             return
         import torch
@@ -61,12 +62,17 @@ class Marlin(Backend):
         if config.dtype != "bfloat16":
             raise ConfigError(f"quantization.backend=marlin computes in bfloat16 on a GPU (dtype={config.dtype}); "
                               "allowed here: dtype=bfloat16")
+        try:
+            source = kernel_source()
+        except OSError as error:
+            raise ConfigError(f"{LIBRARY_ENV}={os.environ[LIBRARY_ENV]} does not load as the Marlin library: "
+                              f"{str(error).splitlines()[0]}") from None
+        if source is None:
+            raise ConfigError("quantization.backend=marlin on a GPU needs the Marlin kernel: pip install gptqmodel>=7.7, "
+                              f"or {LIBRARY_ENV}=PATH of a library built by experiments/gpu/build_marlin.py")
         if (capability := torch.cuda.get_device_capability()) < (8, 0):
             raise ConfigError(f"quantization.backend=marlin needs a GPU of CUDA compute capability >= 8.0 "
                               f"(found {capability[0]}.{capability[1]})")
-        if kernel_source() is None:
-            raise ConfigError("quantization.backend=marlin on a GPU needs the Marlin kernel: pip install gptqmodel>=7.7, "
-                              f"or {LIBRARY_ENV}=PATH of a library built by experiments/gpu/build_marlin.py")
 
     def quantize(self, model: torch.nn.Module, config: JobConfig, device: str) -> None:
         import torch
