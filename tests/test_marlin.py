@@ -26,12 +26,14 @@ def test_codes_are_gptqs_symmetric_rounding_and_pack_the_first_code_lowest(bits,
     assert torch.equal(scales[:, 3], torch.ones(256 // group, dtype=torch.bfloat16))
     assert torch.equal(scales.float()[:, peak[0] > 0], (2 * peak / (2**bits - 1)).to(torch.bfloat16).float()[:, peak[0] > 0])
     assert codes.min() >= 0 and codes.max() == 2**bits - 1 and (codes[3] == 2 ** (bits - 1)).all()
-    step = scales.t().float().repeat_interleave(group, dim=1)
-    assert ((marlin.dequantize(codes, scales, bits) - weight).abs() <= step / 2 + 1e-6).sum() > 0.99 * weight.numel()
-    assert (marlin.dequantize(codes, scales, bits)[3] == 0).all()
     packed = marlin.pack(codes, bits)
     assert packed.shape == (256 * bits // 32, 64) and packed.dtype == torch.int32
-    assert torch.equal(marlin.unpack(packed, bits), codes)
+    assert torch.equal(marlin.unpack(packed, bits), codes.t().int())
+    weights = marlin.dequantize(packed, scales, bits).t()  # (code - bias) * scale, in float32
+    step = scales.t().float().repeat_interleave(group, dim=1)
+    assert torch.equal(weights, (codes.float() - 2 ** (bits - 1)) * step)
+    assert ((weights - weight).abs() <= step / 2 + 1e-6).sum() > 0.99 * weight.numel() and (weights[3] == 0).all()
+    assert torch.equal(marlin.dequantize(packed, scales, bits, torch.bfloat16), weights.t().bfloat16())  # one rounding
     one_row = torch.arange(32 // bits, dtype=torch.int16)[None, :] % 2**bits
     assert marlin.pack(one_row, bits).item() == sum(int(c) << (bits * i) for i, c in enumerate(one_row[0]))
 
@@ -60,8 +62,8 @@ def test_every_linear_but_the_head_is_marlins_and_its_bytes_are_what_it_stores()
     assert weights_bytes(loaded.model) == loaded.report.weights_bytes == others + held
     layer = loaded.model.transformer.h[0].mlp.dense_4h_to_h
     x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
-    weight = marlin.dequantize(marlin.unpack(layer.qweight, 4), layer.scales, 4)[: layer.out_features, : layer.in_features]
-    assert torch.allclose(layer(x).float(), x.float() @ weight.t(), rtol=2e-2, atol=2e-2)
+    weight = marlin.dequantize(layer.qweight, layer.scales, 4)[: layer.in_features, : layer.out_features]
+    assert torch.allclose(layer(x).float(), x.float() @ weight, rtol=2e-2, atol=2e-2)
 
 
 def test_a_layer_quantized_otherwise_or_left_as_it_was_is_refused():

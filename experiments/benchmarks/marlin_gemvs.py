@@ -49,8 +49,9 @@ class Layer:
         padded_rows, self.columns = marlin.padded_shape(rows, columns, group)
         weight = torch.nn.functional.pad(weight, (0, self.columns - columns, 0, padded_rows - rows))
         codes, scales = marlin.quantize(weight, bits, group)
-        self.reference = marlin.dequantize(codes, scales, bits)
-        packed, scales = marlin.to_marlin(marlin.pack(codes, bits), scales, bits, group)
+        qweight = marlin.pack(codes, bits)
+        self.reference = marlin.dequantize(qweight, scales, bits).t()
+        packed, scales = marlin.to_marlin(qweight, scales, bits, group)
         self.bytes = packed.numel() * 4 + scales.numel() * 2
         self.call = lambda x: marlin.marlin_mm(x, packed, scales, locks, bits, padded_rows)
 

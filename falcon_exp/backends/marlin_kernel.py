@@ -69,13 +69,6 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Te
     return codes.clamp(0, 2**bits - 1).to(torch.int16).reshape(rows, columns), scales.t().contiguous()
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """The float32 weights that codes and scales stand for."""
-    rows, columns = codes.shape
-    grouped = (codes.float() - 2 ** (bits - 1)).reshape(rows, scales.shape[0], -1)
-    return (grouped * scales.t().float()[..., None]).reshape(rows, columns)
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """GPTQ's `qweight`: codes (rows x columns) packed 32/bits to an int32 along the columns,
     the first in the lowest bits, stored (columns / (32/bits)) x rows."""
@@ -87,11 +80,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The codes (rows x columns, int16) that `pack` packed."""
-    per_word = 32 // bits
-    shifts = torch.arange(per_word, device=qweight.device, dtype=torch.int64)[None, :, None] * bits
-    codes = (qweight.to(torch.int64)[:, None, :] >> shifts) & (2**bits - 1)
-    return codes.reshape(-1, qweight.shape[1]).t().to(torch.int16).contiguous()
+    """The codes `pack` packed, as GPTQ stores them: columns x rows (int32)."""
+    shifts = torch.arange(32 // bits, device=qweight.device, dtype=torch.int32)[None, :, None] * bits
+    return ((qweight[:, None, :] >> shifts) & (2**bits - 1)).reshape(-1, qweight.shape[1])
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights GPTQ's qweight and scales stand for, columns x rows (the transpose of the
+    layer's weight), computed in `dtype` (exact up to its one rounding of code times scale)."""
+    codes = unpack(qweight, bits).to(dtype) - 2 ** (bits - 1)
+    return (codes.reshape(scales.shape[0], -1, codes.shape[1]) * scales.to(dtype)[:, None, :]).reshape(codes.shape)
 
 
 def _up(value: int, multiple: int) -> int:
@@ -175,7 +173,7 @@ class MarlinLinear(torch.nn.Module):
         if self.layout == "marlin":
             out = marlin_mm(flat.contiguous(), self.qweight, self.scales, self.locks, self.bits, self.padded_rows)
         else:
-            out = flat @ dequantize(unpack(self.qweight, self.bits), self.scales, self.bits).to(x.dtype).t()
+            out = flat @ dequantize(self.qweight, self.scales, self.bits, x.dtype)
         out = out[:, : self.out_features]
         if self.bias is not None:
             out = out + self.bias
