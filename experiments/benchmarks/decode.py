@@ -48,7 +48,7 @@ SECTIONS = ["overhead", "profiler", "floor", "matmuls", "kernels"]
 # quantized libraries' GEMV/GEMM kernels; attention; then inductor's fused kernels, whose names
 # list the ops they fuse (triton_poi_fused_add_mul_..., triton_red_fused_native_layer_norm_...).
 KERNEL_CLASSES = (
-    ("matmul", r"gemm|gemv|nvjet|cutlass|xmma|cublas|tinygemm|_mm_|matmul|kgemm|kdequant|int4|int8|fp8|splitk"),
+    ("matmul", r"gemm|gemv|nvjet|cutlass|xmma|cublas|tinygemm|marlin|_mm_|matmul|kgemm|kdequant|int4|int8|fp8|splitk"),
     ("attention", r"fmha|flash|attention|sdpa|softmax|_bmm"),
     ("norm", r"layer_norm|rms"),
     ("rotary", r"cos|sin|neg"),
