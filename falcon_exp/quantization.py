@@ -29,6 +29,11 @@ LINEAR_TWINS = {"transformers.models.falcon.modeling_falcon": "FalconLinear"}
 KEEP_FULL_PRECISION = ("lm_head",)
 
 
+def layers_to_quantize(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The plain linear layers a backend that quantizes after loading replaces: all but the head."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
+
+
 class QuantizationNotRealised(FalconExpError):
     """The model that loaded is not the model that was asked for."""
 

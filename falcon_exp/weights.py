@@ -200,11 +200,10 @@ def quantized_layer_shapes(weights: Weights) -> frozenset[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=8)
 def _layer_shapes(identity: str, kind: str, source: str | None, architecture: str | None) -> frozenset[tuple[int, int]]:
-    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from falcon_exp.quantization import KEEP_FULL_PRECISION, quantizable_linears
+    from falcon_exp.quantization import layers_to_quantize, quantizable_linears
 
     try:
         if kind == "synthetic":
@@ -218,8 +217,7 @@ def _layer_shapes(identity: str, kind: str, source: str | None, architecture: st
     except (ValueError, OSError, KeyError) as error:  # a config.json transformers cannot build a model from
         raise ConfigError(f"model.path={source!r} holds a config.json transformers cannot build a model from "
                           f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    return frozenset((m.out_features, m.in_features) for n, m in skeleton.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION)
+    return frozenset((m.out_features, m.in_features) for _, m in layers_to_quantize(skeleton))
 
 
 def architecture_config(name: str) -> PretrainedConfig:

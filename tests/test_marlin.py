@@ -47,10 +47,24 @@ def test_shapes_are_padded_to_marlins_tiles_and_whole_groups():
     assert marlin.padded_shape(9216, 8192, 128) == (9216, 8192)
 
 
+def test_a_layer_padded_to_the_tiles_computes_its_own_width_and_bias():
+    """100 inputs and 72 outputs pad to 128 x 128: the input is zero-padded, the output cut back."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(100, 72, bias=True)
+    layer = marlin.MarlinLinear(linear, 4, 32)
+    assert (layer.padded_rows, layer.padded_columns) == (128, 128) and layer.layout == marlin.GPTQ_LAYOUT
+    x = torch.randn(2, 3, 100)
+    weight = marlin.dequantize(layer.qweight, layer.scales, 4)[:100, :72]
+    out = layer(x)
+    assert out.shape == (2, 3, 72) and out.is_contiguous()
+    assert torch.allclose(out, x @ weight + linear.bias.detach(), atol=1e-5)
+    assert (weight - linear.weight.detach().t()).abs().max() < 0.1 * linear.weight.abs().max()
+
+
 def test_every_linear_but_the_head_is_marlins_and_its_bytes_are_what_it_stores():
     from falcon_exp.models import load
 
-    job = resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=4", "quantization.marlin.group_size=64")
+    job = resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=4", "quantization.marlin.group_size=64", "device=cpu")
     loaded = load(job)
     layers = {n: m for n, m in loaded.model.named_modules() if isinstance(m, marlin.MarlinLinear)}
     assert len(layers) == 16 and type(loaded.model.lm_head) is torch.nn.Linear
@@ -69,26 +83,32 @@ def test_every_linear_but_the_head_is_marlins_and_its_bytes_are_what_it_stores()
 def test_a_layer_quantized_otherwise_or_left_as_it_was_is_refused():
     from falcon_exp.models import load
 
-    job = resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=8")
+    job = resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=8", "device=cpu")
     model = load(job).model
     with pytest.raises(QuantizationNotRealised, match="bits asked 4, found 8 in 16 of 16 linear layers"):
-        verify(model, resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=4").config, "cpu")
+        verify(model, resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=4", "device=cpu").config, "cpu")
     model.transformer.h[0].mlp.dense_4h_to_h = torch.nn.Linear(1024, 256, bias=False, dtype=torch.bfloat16)
     with pytest.raises(QuantizationNotRealised, match="layer asked MarlinLinear, found Linear in 1 of 16 linear layers"):
         verify(model, job.config, "cpu")
 
 
 def test_a_gpu_job_without_the_kernel_is_told_how_to_get_it_before_loading(monkeypatch):
-    """gptqmodel absent and no library named; a named library that does not load; not bfloat16."""
+    """gptqmodel absent and no library named; its build failing; a named library that does not load; not bfloat16."""
     import sys
+    import types
 
     job = resolve_job("model=tiny-falcon", "quantization.backend=marlin", "bits=4")
     method = job.config.quantization.method
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
     monkeypatch.delenv(marlin.LIBRARY_ENV, raising=False)
     monkeypatch.setattr(marlin, "_source", None)
-    with pytest.raises(ConfigError, match="^quantization.backend=marlin on a GPU needs the Marlin kernel: pip install gptqmodel>=7.7, "
-                                          f"or {marlin.LIBRARY_ENV}=PATH of a library built by experiments/gpu/build_marlin.py$"):
+    with pytest.raises(ConfigError, match=f"^quantization.backend=marlin on a GPU needs the Marlin kernel: {marlin.LIBRARY_ENV}=PATH "
+                                          "of a library built by experiments/gpu/build_marlin.py, or gptqmodel>=7.7 installed$"):
+        method.check(job.config, "cuda", job.weights)
+    failing = types.ModuleType("gptqmodel.utils.marlin")  # gptqmodel cannot install here (it needs torch >= 2.14.1)
+    failing.prewarm_marlin_extension = lambda dtype: (_ for _ in ()).throw(RuntimeError("Marlin JIT build failed: no nvcc\ndetails"))
+    monkeypatch.setitem(sys.modules, "gptqmodel.utils.marlin", failing)
+    with pytest.raises(ConfigError, match="^gptqmodel's build does not load as the Marlin library: Marlin JIT build failed: no nvcc$"):
         method.check(job.config, "cuda", job.weights)
     monkeypatch.setenv(marlin.LIBRARY_ENV, "/nowhere/marlin.so")
     with pytest.raises(ConfigError, match=f"^{marlin.LIBRARY_ENV}=/nowhere/marlin.so does not load as the Marlin library: "):

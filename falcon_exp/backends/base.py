@@ -50,6 +50,7 @@ class Backend:
     tags: ClassVar[dict[str, str]] = {}  # its own tags -> when a run has them
     conditional: ClassVar[dict[str, str]] = {}  # its own metrics a run has only sometimes -> when
     quant_method: ClassVar[str | None] = None  # a checkpoint's `quant_method` that it reads
+    replaces_linears: ClassVar[bool] = False  # its quantized layers are modules of its own, not nn.Linear
 
     def log_filters(self) -> list[tuple[str, logging.Filter]]:
         """Filters for its library's loggers (falcon_exp/console.py): lines that say nothing about a run."""
@@ -57,7 +58,8 @@ class Backend:
 
     # What a job asks of it (torch-free).
     def mode(self, bits: int, settings: Any) -> Mode:
-        raise NotImplementedError
+        """The mode a job at these bits and settings realises (by default: its one mode of these bits)."""
+        return next(m for m in self.modes if m.bits == bits)
 
     def knobs(self, bits: int) -> tuple[str, ...]:
         """Its settings that apply at these bits (the others are logged and change nothing)."""
@@ -82,7 +84,7 @@ class Backend:
         """The model's linear layers, its own quantized ones included."""
         import torch
 
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or (self.replaces_linears and self.is_quantized(m))]
 
     def is_quantized(self, module: torch.nn.Module) -> bool:
         raise NotImplementedError

@@ -56,9 +56,7 @@ class Hqq(Backend):
     tested = {"hqq": ("0.2.8.post1",)}  # its layers' metadata, and its version check (_tinygemm_layer)
     since = "0.3"
     tags = {TAG_KERNEL: "on an hqq run: the kernel its layers ran"}
-
-    def mode(self, bits: int, settings: Settings) -> Mode:
-        return next(m for m in self.modes if m.bits == bits)
+    replaces_linears = True
 
     def check(self, config: JobConfig, device: str, weights: Weights) -> None:
         """Its groups tile every layer it quantizes: with axis=1 a group is part of a row, so the
@@ -80,12 +78,11 @@ class Hqq(Backend):
         import torch
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-        from falcon_exp.quantization import KEEP_FULL_PRECISION
+        from falcon_exp.quantization import layers_to_quantize
 
         settings, dtype = config.quantization.settings, getattr(torch, config.dtype)
         quant_config = BaseQuantizeConfig(nbits=config.bits, group_size=settings.group_size, axis=settings.axis)
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in KEEP_FULL_PRECISION]
-        for name, linear in linears:
+        for name, linear in layers_to_quantize(model):
             parent, _, child = name.rpartition(".")
             where = linear.weight.device  # HQQLinear drops the layer's own weight
             if _tinygemm_applies(config, where.type):
@@ -93,11 +90,6 @@ class Hqq(Backend):
             else:
                 layer = HQQLinear(linear, quant_config, compute_dtype=dtype, device=str(where))
             setattr(model.get_submodule(parent), child, layer)
-
-    def layers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        import torch
-
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or self.is_quantized(m)]
 
     def is_quantized(self, module: torch.nn.Module) -> bool:
         return type(module).__name__ in ("HQQLinear", "HQQLinearTorchWeightOnlynt4")

@@ -8,13 +8,14 @@ Marlin takes them after its own repacking (`gptq_marlin_repack`) and its scale p
 tiles need the output width a multiple of 64 and the input width of 128 (or 128 and 64): other
 layers are zero-padded, and those padded weights are stored and read.
 
-The kernel comes from a compiled library that registers the ops `gptqmodel_marlin_bf16::*`:
-gptqmodel (>= 7.7, which builds it on first use) where installed, else the library named by
-FALCON_EXP_MARLIN_LIBRARY (experiments/gpu/build_marlin.py builds one from gptqmodel's sources).
+The kernel comes from a compiled library that registers the ops `gptqmodel_marlin_bf16::*`: the
+one FALCON_EXP_MARLIN_LIBRARY names (experiments/gpu/build_marlin.py builds it from gptqmodel's
+sources), else gptqmodel's own (>= 7.7, which builds it on first use) where installed.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 
@@ -22,6 +23,7 @@ import torch
 
 NAMESPACE = "gptqmodel_marlin_bf16"
 LIBRARY_ENV = "FALCON_EXP_MARLIN_LIBRARY"
+MARLIN_LAYOUT, GPTQ_LAYOUT = "marlin", "gptq"  # where a layer's codes live: a CUDA GPU, or elsewhere
 # vLLM's ScalarType ids (csrc/core/scalar_type.hpp) of the weight types: unsigned codes with an
 # implicit bias of 2^(bits-1), i.e. GPTQ's symmetric codes.
 WEIGHT_TYPE_IDS = {4: 1125899907892224, 8: 1125899923621888}  # uint4b8, uint8b128
@@ -29,7 +31,7 @@ WEIGHT_TYPE_IDS = {4: 1125899907892224, 8: 1125899923621888}  # uint4b8, uint8b1
 
 def kernel_source() -> str | None:
     """Where the Marlin ops come from once loaded (the library's path, or gptqmodel's build); None
-    when neither is there. Loads the library on first call."""
+    when neither is there. Loads the library on first call (raising what its loader raises)."""
     global _source
     if _source is None:
         if path := os.environ.get(LIBRARY_ENV):
@@ -40,8 +42,8 @@ def kernel_source() -> str | None:
                 from gptqmodel.utils.marlin import prewarm_marlin_extension
             except ImportError:
                 return None
-            if prewarm_marlin_extension(torch.bfloat16):
-                _source = "gptqmodel's build"
+            prewarm_marlin_extension(torch.bfloat16)  # builds on first use; raises where it cannot
+            _source = f"gptqmodel {importlib.metadata.version('gptqmodel')}'s build"
     return _source
 
 
@@ -52,14 +54,15 @@ def padded_shape(rows: int, columns: int, group_size: int) -> tuple[int, int]:
     """The smallest (rows, columns) at least these that one of Marlin's tile orientations takes,
     with whole groups along a row (gptqmodel's marlin_padded_nk)."""
     group = group_size if group_size > 0 else 1
-    candidates = ((_up(rows, 64), _up(columns, math.lcm(128, group))), (_up(rows, 128), _up(columns, math.lcm(64, group))))
+    candidates = ((_round_up(rows, 64), _round_up(columns, math.lcm(128, group))),
+                  (_round_up(rows, 128), _round_up(columns, math.lcm(64, group))))
     return min(candidates, key=lambda shape: (shape[0] * shape[1], shape))
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's symmetric codes (rows x columns, int16) and bf16 scales (groups x rows) of a weight,
     by rounding to nearest; `group_size` -1 is one scale per row. A row or group of zeros gets
-    scale 1 (GPTQ's rule), so its codes are the bias and its weights stay 0."""
+    scale 1, so its codes are the bias and its weights stay 0."""
     rows, columns = weight.shape
     group = columns if group_size == -1 else group_size
     grouped = weight.float().reshape(rows, columns // group, group)
@@ -92,7 +95,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, dtype: to
     return (codes.reshape(scales.shape[0], -1, codes.shape[1]) * scales.to(dtype)[:, None, :]).reshape(codes.shape)
 
 
-def _up(value: int, multiple: int) -> int:
+def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
@@ -127,7 +130,9 @@ def workspace(device: torch.device) -> torch.Tensor:
 def marlin_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, locks: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """x (m x columns, bf16) times the Marlin-packed weight's transpose: m x rows. A functional op
     of its own, so that torch.compile treats the kernel as one opaque call (the library's op
-    declares an optional output it may write into)."""
+    declares an optional output it may write into). `locks` is written during the call but left
+    zeroed as it came (the kernel's contract), so it is not declared mutated: that would make
+    torch.compile copy it around every call."""
     ops = getattr(torch.ops, NAMESPACE)
     return ops.gptq_marlin_gemm_bf16(x, None, weight, None, scales, None, None, None, None, locks, WEIGHT_TYPE_IDS[bits],
                                      x.shape[0], rows, x.shape[1], True, False, True, False)
@@ -136,6 +141,11 @@ def marlin_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, locks
 @marlin_mm.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, locks: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], rows))
+
+
+def layout_on(device: str) -> str:
+    """The layout a layer's codes take on this device type: Marlin's on a CUDA GPU, GPTQ's elsewhere."""
+    return MARLIN_LAYOUT if device == "cuda" else GPTQ_LAYOUT
 
 
 def layout_bytes(rows: int, columns: int, bits: int, group_size: int) -> int:
@@ -153,15 +163,15 @@ class MarlinLinear(torch.nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         self.bits, self.group_size = bits, group_size
         self.padded_rows, self.padded_columns = padded_shape(self.out_features, self.in_features, group_size)
-        where = linear.weight.device
+        device = linear.weight.device
         weight = torch.nn.functional.pad(linear.weight.detach(), (0, self.padded_columns - self.in_features,
                                                                   0, self.padded_rows - self.out_features))
         codes, scales = quantize(weight, bits, group_size)
         qweight = pack(codes, bits)
-        self.layout = "marlin" if where.type == "cuda" else "gptq"
-        if self.layout == "marlin":
+        self.layout = layout_on(device.type)
+        if self.layout == MARLIN_LAYOUT:
             qweight, scales = to_marlin(qweight, scales, bits, group_size)
-            self.locks = _workspace(where)
+            self.locks = _workspace(device)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
@@ -170,11 +180,12 @@ class MarlinLinear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.padded_columns > self.in_features:
             flat = torch.nn.functional.pad(flat, (0, self.padded_columns - self.in_features))
-        if self.layout == "marlin":
+        if self.layout == MARLIN_LAYOUT:
             out = marlin_mm(flat.contiguous(), self.qweight, self.scales, self.locks, self.bits, self.padded_rows)
         else:
             out = flat @ dequantize(self.qweight, self.scales, self.bits, x.dtype)
-        out = out[:, : self.out_features]
+        if self.padded_rows > self.out_features:
+            out = out[:, : self.out_features].contiguous()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
