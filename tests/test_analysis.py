@@ -125,6 +125,17 @@ def test_a_named_commit_is_shown_whole_and_a_hash_short():
     assert short_commits(commits).tolist() == ["c62cfee+async", "da6f0e3", "da6f0e3", ""]
 
 
+def test_the_baseline_is_labelled_without_quantization_settings():
+    """A sweep over a group size and bits=4,16: the group names the 4-bit runs, not bf16's."""
+    from falcon_exp.analysis.figures import _label
+    from falcon_exp.analysis.load import MODE
+
+    runs = pd.DataFrame({MODE: ["marlin4", "marlin4", "bf16"], "bits": ["4", "4", "16"], "quantization.marlin.group_size": ["64", "128", "64"],
+                         "max_length": ["60", "60", "48"]})
+    keys = ["bits", "quantization.marlin.group_size", "max_length"]
+    assert _label(runs, keys).tolist() == ["marlin4, group_size=64, max_length=60", "marlin4, group_size=128, max_length=60", "bf16, max_length=48"]
+
+
 def test_tidy_frame_has_a_row_per_run_and_prompt(sweep_store):
     from falcon_exp.analysis.load import load
 

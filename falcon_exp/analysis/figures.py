@@ -60,12 +60,15 @@ def _backend_marker(keys: list[str]) -> str | None:
 
 
 def _label(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """A configuration's name in legends: its mode and the other keys the sweep varied, and
+    """A configuration's name in legends: its mode and the other keys the sweep varied (for the
+    unquantized baseline, none of the quantization settings, which do not apply to it), and
     `(noisy)` where generations a busy machine disturbed are still among its samples."""
     others = [k for k in keys if k not in (MODE, "bits", BACKEND)]  # the mode names its backend
+    baseline = pd.to_numeric(column(runs, "bits"), errors="coerce") == 16
     noisy = column(runs, schema.NOISE_OFF, 0).fillna(0) > 0
-    names = runs.apply(lambda r: ", ".join([r[MODE]] + [f"{k.split('.')[-1]}={r[k]}" for k in others]), axis=1)
-    return names + noisy.map({True: " (noisy)", False: ""})
+    names = [", ".join([row[MODE]] + [f"{k.split('.')[-1]}={row[k]}" for k in others if not (unquantized and k.startswith("quantization."))])
+             for (_, row), unquantized in zip(runs.iterrows(), baseline)]
+    return pd.Series(names, index=runs.index) + noisy.map({True: " (noisy)", False: ""})
 
 
 def memory_and_time_per_prompt(runs: pd.DataFrame, samples: pd.DataFrame, keys: list[str], directory: Path) -> list[Path]:
